@@ -1,0 +1,143 @@
+"""Model plumbing shared by the objective and the recipes, generic over HF encoders (BERT, RoBERTa, DistilBERT,
+MPNet, ELECTRA, ...).
+
+    emb = find_embedding_module(student)          # the module that sums token/position/segment embeddings
+    with EmbeddingTap(emb) as tap: ...            # capture its output, or add δ to it
+    student = student_from_teacher(teacher, 3, "bottom")
+"""
+import copy
+import inspect
+from typing import Dict, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .teachers.base import MODEL_INPUT_KEYS
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The HF model inside a DeepSpeed engine (or DDP wrapper); the model itself otherwise."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def find_embedding_module(model: nn.Module) -> nn.Module:
+    """The embedding layer g(·): the module whose child is the word-embedding table (BertEmbeddings & co.)."""
+    model = unwrap_model(model)
+    word = model.get_input_embeddings()
+    for _, module in model.named_modules():
+        if module is not model and any(child is word for child in module.children()):
+            return module
+    raise ValueError(
+        f"{type(model).__name__}: no embedding module holds the word embeddings; AD2 needs an encoder whose "
+        "embeddings live in a submodule (BertEmbeddings, RobertaEmbeddings, Embeddings, ...)"
+    )
+
+
+def accepted_inputs(model: nn.Module) -> frozenset:
+    """Names of the standard inputs the model's forward accepts (DistilBERT/MPNet take no token_type_ids)."""
+    params = inspect.signature(unwrap_model(model).forward).parameters
+    return frozenset(k for k in MODEL_INPUT_KEYS if k in params)
+
+
+def model_inputs(batch: Mapping[str, torch.Tensor], accepted: frozenset) -> Dict[str, torch.Tensor]:
+    return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch and k in accepted}
+
+
+class EmbeddingTap:
+    """A forward hook on the embedding module. Set ``delta`` to add it to the output ([B, T, H], any dtype: it is
+    cast to the output's dtype inside the graph, so gradients reach a fp32 δ); set ``capture`` to keep the output
+    (made differentiable if the embeddings are frozen) in ``captured``."""
+
+    def __init__(self, module: nn.Module):
+        self.delta: Optional[torch.Tensor] = None
+        self.capture = False
+        self.captured: Optional[torch.Tensor] = None
+        self._handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        if self.delta is not None:
+            output = output + self.delta.to(output.dtype)
+        if self.capture:
+            if not output.requires_grad:
+                output = output.detach().requires_grad_(True)
+            self.captured = output
+        return output
+
+    def remove(self):
+        self._handle.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def find_layer_list(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of transformer layers (encoder.layer, transformer.layer, ...): the longest one whose length is
+    the configured depth."""
+    model = unwrap_model(model)
+    depth = num_layers(model.config)
+    candidates = [m for _, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == depth]
+    if not candidates:
+        raise ValueError(f"{type(model).__name__}: no list of {depth} transformer layers found")
+    return candidates[0]
+
+
+def num_layers(config) -> int:
+    for name in ("num_hidden_layers", "n_layers", "num_layers"):
+        if getattr(config, name, None) is not None:
+            return int(getattr(config, name))
+    raise ValueError(f"{type(config).__name__} has no layer count")
+
+
+def _set_num_layers(config, n: int) -> None:
+    for name in ("num_hidden_layers", "n_layers", "num_layers"):
+        if getattr(config, name, None) is not None:
+            setattr(config, name, n)
+
+
+def select_layers(n_layers_t: int, n_layers_s: int, strategy: str):
+    """0-based teacher layer indices a student keeps (the paper's Table 4): skip (every k-th, ending at the top),
+    bottom, or top."""
+    if not 1 <= n_layers_s <= n_layers_t:
+        raise ValueError(f"a student of {n_layers_s} layers cannot be selected from a {n_layers_t}-layer teacher")
+    if strategy in ("skip", "uniform"):
+        return [round((i + 1) * n_layers_t / n_layers_s) - 1 for i in range(n_layers_s)]
+    if strategy == "bottom":
+        return list(range(n_layers_s))
+    if strategy == "top":
+        return list(range(n_layers_t - n_layers_s, n_layers_t))
+    raise ValueError(f"unknown layer selection {strategy!r}: choose skip, bottom or top")
+
+
+def student_from_teacher(teacher: nn.Module, n_layers_s: int, strategy: str = "bottom") -> nn.Module:
+    """A smaller copy of ``teacher``: its embeddings, head and the selected transformer layers."""
+    teacher = unwrap_model(teacher)
+    keep = select_layers(num_layers(teacher.config), n_layers_s, strategy)
+    student = copy.deepcopy(teacher)
+    layers = find_layer_list(student)
+    kept = nn.ModuleList([layers[i] for i in keep])
+    for new_idx, layer in enumerate(kept):
+        for module in layer.modules():  # keep cache indices consistent for models that use them
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_idx
+    parent = dict(student.named_modules())[_parent_name(student, layers)]
+    for name, child in parent.named_children():
+        if child is layers:
+            setattr(parent, name, kept)
+    _set_num_layers(student.config, n_layers_s)
+    return student
+
+
+def _parent_name(model: nn.Module, target: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if any(child is target for child in module.children()):
+            return name
+    raise ValueError("layer list has no parent")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in unwrap_model(model).parameters())

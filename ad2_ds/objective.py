@@ -1,0 +1,311 @@
+"""The AD2 objective: ce + kd + α·ada (+ deep KD), as one module a DeepSpeed loop calls.
+
+    objective = AD2Objective(student, AD2Config(method="ad2"), teacher_config=teacher.config)
+    engine, *_ = deepspeed.initialize(model=objective, model_parameters=objective.parameters(), config=ds_json)
+    losses = engine(batch, teacher(batch))     # {"loss", "ce", "kd", "ada", "hidden", ..., "delta_norm_max"}
+    engine.backward(losses["loss"]); engine.step()
+
+Wrapping the objective (not just the student) in the engine lets DeepSpeed train the deep-KD projections too. The
+student may also be a DeepSpeed engine itself (``AD2Objective(engine, cfg)``); then learnable projections, needed only
+when student and teacher widths differ, must be handed to that engine's optimizer by the caller
+(``objective.projections.parameters()``).
+
+Passes per step (one forward = 1 unit, a full backward = 2, an input-only backward ≈ 1):
+clean forward 1; first ascent gradient by ``torch.autograd.grad`` on the retained clean graph (input grads only) ≈ 1;
+each further PGA step (K > 1, or a random start) one forward + input-only backward ≈ 2; adversarial forward 1;
+the caller's backward through clean and adversarial graphs 4. AD2 with K=1: ≈ 7 units against KD's 3.
+Under ZeRO-3 the first gradient needs its own forward (see ``zero3_partitioned``): ≈ 8 units.
+"""
+from typing import Dict, List, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .config import AD2Config
+from .losses import LOSSES, hard_loss, kd_loss
+from .matching import MatchSpec, build_matches
+from .modeling import EmbeddingTap, accepted_inputs, find_embedding_module, model_inputs, num_layers, unwrap_model
+from .perturb import per_example_norm, pga_perturbation
+from .teachers.base import TEACHER_PREFIX, TeacherOutput
+
+_FP16_ASCENT_SCALE = 1024.0  # keeps fp16 input gradients from underflowing; the step is normalised anyway
+
+
+class AD2Objective(nn.Module):
+    """Computes every AD2 loss term for one batch. ``forward(batch, teacher_output) -> dict`` of scalar tensors.
+
+    batch: ``input_ids``, ``attention_mask``, optional ``token_type_ids``, ``labels`` ([B] long, or float for
+    regression). teacher_output: a :class:`TeacherOutput` (``None`` for methods that need no teacher).
+    """
+
+    def __init__(self, student: nn.Module, config: Optional[AD2Config] = None, teacher_config=None):
+        super().__init__()
+        self.config = config or AD2Config()
+        inner = unwrap_model(student)
+        self.student = inner
+        # Call the engine itself when given one (ZeRO-3 and precision handling live there); never register it.
+        self.__dict__["_forward_s"] = student if student is not inner else None
+        self._accepted = accepted_inputs(inner)
+        self._tap = EmbeddingTap(find_embedding_module(inner))
+        self._n_layers_s = num_layers(inner.config)
+        self._hidden_s = inner.config.hidden_size
+        self._n_labels_s = inner.config.num_labels
+        self.last_delta: Optional[torch.Tensor] = None
+        if self.config.needs_attentions:
+            _ensure_eager_attention(inner)
+
+        self.matches: Optional[List[MatchSpec]] = None
+        self.projections = nn.ModuleDict()
+        self._hidden_t = None
+        if teacher_config is not None:
+            if teacher_config.num_labels != self._n_labels_s:
+                raise ValueError(
+                    f"teacher has {teacher_config.num_labels} labels but the student has {self._n_labels_s}: "
+                    "they must predict the same label set"
+                )
+            self._hidden_t = teacher_config.hidden_size
+            self._build_matches(num_layers(teacher_config))
+
+    @property
+    def zero3_partitioned(self) -> bool:
+        """ZeRO-3 releases a module's gathered weights after the first backward through it, so the clean graph
+        cannot be differentiated twice (once for δ, once for the loss); the ascent then takes the naive path."""
+        return any(hasattr(p, "ds_status") for p in self.student.parameters())
+
+    def close(self) -> None:
+        """Remove the hook this objective put on the student's embedding layer."""
+        self._tap.remove()
+
+    def _build_matches(self, n_layers_t: int) -> None:
+        self.matches = build_matches(self.config, self._n_layers_s, n_layers_t)
+        if self._hidden_t is not None and self._hidden_t != self._hidden_s:
+            for spec in self.matches:
+                if spec.feature in ("hidden", "cls") and str(spec.layer_s) not in self.projections:
+                    self.projections[str(spec.layer_s)] = nn.Linear(self._hidden_s, self._hidden_t)
+
+    def _run(self, inputs: Dict[str, torch.Tensor], hidden: bool, attentions: bool):
+        kwargs = dict(inputs)
+        if hidden:
+            kwargs["output_hidden_states"] = True
+        if attentions:
+            kwargs["output_attentions"] = True
+        engine = self._forward_s
+        if engine is None:
+            return self.student(**kwargs)
+        # Through the engine's module, not engine(...): the engine hooks its outputs so that any backward through them
+        # runs its backward prologue (gradient-accumulation scaling, loss-scaler and ZeRO reduction state). The
+        # ascent's input-gradient pass must not trigger that; engine.backward(loss) scales the real loss itself.
+        from deepspeed.runtime.torch_autocast import autocast_if_enabled  # only reached with an engine
+
+        with autocast_if_enabled(engine):
+            return self.student(**kwargs)
+
+    def _check(self, batch: Mapping[str, torch.Tensor], t: Optional[TeacherOutput]) -> None:
+        cfg = self.config
+        if not cfg.needs_teacher:
+            return
+        if t is None:
+            raise ValueError(f"method {cfg.method!r} needs teacher outputs; got teacher_output=None")
+        if t.logits.shape[-1] != self._n_labels_s:
+            raise ValueError(
+                f"teacher logits have {t.logits.shape[-1]} labels but the student has {self._n_labels_s}"
+            )
+        deep = cfg.deep_kd or cfg.w_pkd > 0
+        if deep and TEACHER_PREFIX + "input_ids" in batch:
+            raise ValueError(
+                "deep KD / PKD compare token positions, so teacher and student must share a tokenizer; "
+                "use method 'kd', 'ad2-dkd' (logits only) with different tokenizers"
+            )
+        if cfg.needs_hidden_states and t.hidden_states is None:
+            raise ValueError("deep KD asked but the teacher gave no hidden states: build it with output_hidden_states")
+        if cfg.needs_attentions and t.attentions is None:
+            raise ValueError("attention KD asked but the teacher gave no attentions: build it with output_attentions")
+        if self.matches is None:
+            if deep:
+                self._build_matches(len(t.hidden_states) - 1 if t.hidden_states is not None else len(t.attentions))
+            else:
+                self.matches = []
+
+    def _adversarial_loss(self, logits_s, t: Optional[TeacherOutput], labels) -> torch.Tensor:
+        if self.config.adversarial_target == "labels":
+            return hard_loss(logits_s, labels)
+        return kd_loss(logits_s, t.logits, self.config.temperature)
+
+    def _deep_terms(self, out_s, t: TeacherOutput, mask, adversarial: bool) -> Dict[str, torch.Tensor]:
+        """Unweighted deep-KD terms keyed by MatchSpec.key (``hidden/3-6``), prefixed ``ada_`` when adversarial."""
+        terms = {}
+        for spec in self.matches:
+            if adversarial and spec.feature == "cls":
+                continue
+            fn = LOSSES[spec.loss]
+            if spec.feature == "attention":
+                a_s, a_t = out_s.attentions[spec.layer_s - 1], _layer(t.attentions, spec.layer_t - 1, "attentions")
+                a_s, a_t = self._match_heads(a_s, a_t)
+                value = fn(a_s, a_t.to(a_s.device), mask)
+            else:
+                h_s, h_t = out_s.hidden_states[spec.layer_s], _layer(t.hidden_states, spec.layer_t, "hidden_states")
+                h_s = self._project(spec.layer_s, h_s, h_t)
+                if h_s.shape[1] != h_t.shape[1]:
+                    raise ValueError(
+                        f"student sequence length {h_s.shape[1]} differs from the teacher's {h_t.shape[1]}: "
+                        "deep KD needs aligned tokens"
+                    )
+                if spec.feature == "cls":
+                    value = fn(h_s[:, 0], h_t[:, 0].to(h_s.device))
+                else:
+                    value = fn(h_s, h_t.to(h_s.device), mask)
+            terms[("ada_" if adversarial else "") + spec.key] = value
+        return terms
+
+    def _project(self, layer_s: int, h_s: torch.Tensor, h_t: torch.Tensor) -> torch.Tensor:
+        if h_s.shape[-1] == h_t.shape[-1]:
+            return h_s
+        key = str(layer_s)
+        if key not in self.projections:
+            raise ValueError(
+                f"student width {h_s.shape[-1]} differs from the teacher's {h_t.shape[-1]}: pass "
+                "teacher_config=teacher.config to AD2Objective so it can build learnable projections"
+            )
+        proj = self.projections[key]
+        return proj(h_s.to(proj.weight.dtype))
+
+    def _match_heads(self, a_s: torch.Tensor, a_t: torch.Tensor):
+        if a_s.shape[1] == a_t.shape[1]:
+            return a_s, a_t
+        if self.config.head_mismatch == "error":
+            raise ValueError(
+                f"student has {a_s.shape[1]} attention heads, teacher {a_t.shape[1]}: set head_mismatch='mean' to "
+                "compare head-averaged maps"
+            )
+        return a_s.mean(1, keepdim=True), a_t.mean(1, keepdim=True)
+
+    def forward(self, batch: Mapping[str, torch.Tensor], teacher_output: Optional[TeacherOutput] = None):
+        cfg, t = self.config, teacher_output
+        self._check(batch, t)
+        if self._forward_s is not None:
+            _engine_pre_forward(self._forward_s)
+        inputs = model_inputs(batch, self._accepted)
+        mask, labels = batch["attention_mask"], batch["labels"]
+        need_h, need_a = cfg.needs_hidden_states, cfg.needs_attentions
+        fast = cfg.adversarial and cfg.fast_pga and not cfg.random_start and not self.zero3_partitioned
+
+        self._tap.capture = fast
+        try:
+            out_s = self._run(inputs, need_h, need_a)
+        finally:
+            self._tap.capture = False
+        emb, self._tap.captured = self._tap.captured, None
+
+        losses: Dict[str, torch.Tensor] = {}
+        total = out_s.logits.new_zeros((), dtype=torch.float32)
+        if cfg.w_ce > 0:
+            losses["ce"] = hard_loss(out_s.logits, labels)
+            total = total + cfg.w_ce * losses["ce"]
+        if cfg.w_kd > 0:
+            losses["kd"] = kd_loss(out_s.logits, t.logits, cfg.temperature)
+            total = total + cfg.w_kd * losses["kd"]
+        if self.matches:
+            total = total + self._add_deep(losses, self._deep_terms(out_s, t, mask, False), 1.0)
+
+        if cfg.adversarial:
+            delta = self.perturbation(batch, t, inputs=inputs, clean_logits=out_s.logits, clean_emb=emb)
+            deep_adv = bool(self.matches) and cfg.adversarial_deep_kd and (cfg.w_hidden > 0 or need_a)
+            self._tap.delta = delta
+            try:
+                out_adv = self._run(inputs, deep_adv and cfg.w_hidden > 0, deep_adv and need_a)
+            finally:
+                self._tap.delta = None
+            losses["ada"] = self._adversarial_loss(out_adv.logits, t, labels)
+            total = total + cfg.alpha * losses["ada"]
+            if deep_adv:
+                total = total + self._add_deep(losses, self._deep_terms(out_adv, t, mask, True), cfg.alpha)
+            losses["delta_norm_max"] = per_example_norm(delta).max()
+
+        out = {k: v.detach() for k, v in losses.items()}
+        out["loss"] = total
+        return out
+
+    def _add_deep(self, losses, terms: Dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+        """Store per-layer terms and their weighted sums per feature (``hidden``, ``ada_attention``, ``pkd``, ...)."""
+        weights = {spec.key: spec.weight for spec in self.matches}
+        total = 0.0
+        for key, value in terms.items():
+            losses[key] = value
+            feature = key.split("/")[0]
+            group = {"cls": "pkd", "ada_cls": "ada_pkd"}.get(feature, feature)
+            weighted = weights[key.removeprefix("ada_")] * value
+            losses[group] = losses.get(group, 0.0) + weighted.detach()
+            total = total + scale * weighted
+        return total
+
+    def perturbation(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        teacher_output: Optional[TeacherOutput],
+        inputs: Optional[Dict[str, torch.Tensor]] = None,
+        clean_logits: Optional[torch.Tensor] = None,
+        clean_emb: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """δ for this batch ([B, T, H_emb], fp32, detached), by K steps of projected gradient ascent.
+
+        With ``clean_logits`` and the embedding output ``clean_emb`` of a retained clean forward, the first ascent
+        gradient comes from that graph (input grads only, no extra forward). Without them (naive path), or after the
+        first step, each step runs the student forward on the perturbed input.
+        """
+        cfg = self.config
+        inputs = inputs if inputs is not None else model_inputs(batch, self._accepted)
+        mask, labels = batch["attention_mask"], batch["labels"]
+        scale = 1.0
+
+        def loss_fn(delta):
+            self._tap.delta = delta
+            try:
+                return self._adversarial_loss(self._run(inputs, False, False).logits, teacher_output, labels)
+            finally:
+                self._tap.delta = None
+
+        init_grad, shape = None, None
+        if clean_emb is not None and clean_logits is not None:
+            scale = _FP16_ASCENT_SCALE if clean_emb.dtype == torch.float16 else 1.0
+            loss0 = self._adversarial_loss(clean_logits, teacher_output, labels) * scale
+            (init_grad,) = torch.autograd.grad(loss0, clean_emb, retain_graph=True)
+            shape = clean_emb.shape
+        else:
+            shape = self._embedding_shape(inputs)
+        delta = pga_perturbation(
+            loss_fn, shape, mask, cfg.epsilon, cfg.step_size, cfg.pga_steps,
+            init_grad=init_grad, random_init=cfg.random_start, loss_scale=scale,
+        )
+        self.last_delta = delta
+        return delta
+
+    def _embedding_shape(self, inputs) -> torch.Size:
+        # ELECTRA-style models embed at embedding_size and project afterwards; δ lives at the embedding output.
+        cfg = self.student.config
+        dim = getattr(cfg, "embedding_size", None) or cfg.hidden_size
+        return torch.Size((*inputs["input_ids"].shape, dim))
+
+
+def _engine_pre_forward(engine) -> None:
+    """The bookkeeping DeepSpeedEngine.forward does before calling its module (ZeRO's per-micro-step reset)."""
+    clear = getattr(getattr(engine, "optimizer", None), "clear_backward_seen_flag", None)
+    if clear is not None:
+        clear()
+
+
+def _layer(seq, index: int, what: str) -> torch.Tensor:
+    value = seq[index] if seq is not None and index < len(seq) else None
+    if value is None:
+        raise ValueError(f"the teacher output has no {what}[{index}], which the layer map needs")
+    return value
+
+
+def _ensure_eager_attention(model: nn.Module) -> None:
+    """Attention maps come back only with eager attention; switch to it (sdpa/flash return none)."""
+    impl = getattr(model.config, "_attn_implementation", "eager")
+    if impl == "eager":
+        return
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+        return
+    raise ValueError(f"attention KD needs eager attention; load the student with attn_implementation='eager' ({impl})")

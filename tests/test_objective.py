@@ -1,0 +1,243 @@
+"""The AD2 objective on tiny random BERTs: terms, δ, fast path, gradients, presets, errors."""
+import copy
+
+import pytest
+import torch
+
+from ad2_ds import AD2Config, AD2Objective, TeacherOutput
+from ad2_ds.losses import hard_loss, kd_loss
+from ad2_ds.modeling import EmbeddingTap, find_embedding_module
+from ad2_ds.perturb import per_example_norm
+from conftest import random_batch, tiny_bert
+
+
+def teacher_out(model, batch, scale=1.0):
+    with torch.no_grad():
+        o = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            token_type_ids=batch["token_type_ids"], output_hidden_states=True, output_attentions=True,
+        )
+    return TeacherOutput(o.logits * scale, o.hidden_states, o.attentions)
+
+
+@pytest.fixture
+def setup():
+    teacher = tiny_bert(seed=1, layers=4)
+    student = tiny_bert(seed=2, layers=2)
+    batch = random_batch(batch_size=6, seq_len=10)
+    return teacher, student, batch, teacher_out(teacher, batch, scale=20.0)
+
+
+def test_zero_kd_and_ada_when_student_equals_teacher():
+    teacher = tiny_bert(seed=1)
+    batch = random_batch()
+    t = teacher_out(teacher, batch)
+    obj = AD2Objective(copy.deepcopy(teacher), AD2Config(method="ad2"), teacher_config=teacher.config)
+    losses = obj(batch, t)
+    assert losses["kd"].abs() < 1e-6
+    assert losses["ada"].abs() < 1e-8  # ε = 1e-5 moves the output by O(ε²) in KL
+    assert losses["hidden"].abs() < 1e-8 and losses["attention"].abs() < 1e-6
+
+
+def test_delta_within_ball_per_example_and_zero_on_padding(setup):
+    teacher, student, batch, t = setup
+    obj = AD2Objective(student, AD2Config(method="ad2-dkd", epsilon=0.5, step_size=0.2, pga_steps=4), teacher.config)
+    losses = obj(batch, t)
+    delta = obj.last_delta
+    norms = per_example_norm(delta)
+    assert torch.all(norms <= 0.5 + 1e-6) and torch.all(norms > 0)
+    assert losses["delta_norm_max"] == pytest.approx(norms.max().item())
+    pad = batch["attention_mask"] == 0
+    assert pad.any() and torch.all(delta[pad] == 0)
+
+
+def _adv_kl(obj, batch, t, delta):
+    tap = obj._tap
+    tap.delta = delta
+    try:
+        with torch.no_grad():
+            logits = obj.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    finally:
+        tap.delta = None
+    return kd_loss(logits, t.logits).item()
+
+
+def test_ascent_increases_adversarial_kl(setup):
+    teacher, student, batch, t = setup
+    obj = AD2Objective(student, AD2Config(method="ad2-dkd", epsilon=1.0, step_size=1.0), teacher.config)
+    delta = obj.perturbation(batch, t)
+    clean = _adv_kl(obj, batch, t, torch.zeros_like(delta))
+    assert _adv_kl(obj, batch, t, delta) > clean > _adv_kl(obj, batch, t, -delta)
+
+
+def test_fast_path_equals_naive_path(setup):
+    teacher, student, batch, t = setup  # models are in eval mode: no dropout
+    for steps in (1, 3):
+        cfg = dict(method="ad2", epsilon=0.05, step_size=0.02, pga_steps=steps)
+        fast = AD2Objective(student, AD2Config(**cfg, fast_pga=True), teacher.config)
+        naive = AD2Objective(student, AD2Config(**cfg, fast_pga=False), teacher.config)
+        l_fast, l_naive = fast(batch, t), naive(batch, t)
+        assert torch.allclose(fast.last_delta, naive.last_delta, atol=1e-7, rtol=1e-5)
+        assert torch.allclose(l_fast["loss"], l_naive["loss"], atol=1e-6)
+        fast._tap.remove(), naive._tap.remove()
+
+
+def test_fast_path_runs_fewer_student_forwards(setup):
+    teacher, student, batch, t = setup
+    calls = []
+    handle = student.register_forward_pre_hook(lambda *a: calls.append(1))
+    for fast, expected in ((True, 2), (False, 3)):
+        calls.clear()
+        obj = AD2Objective(student, AD2Config(method="ad2", fast_pga=fast), teacher.config)
+        obj(batch, t)
+        obj._tap.remove()
+        assert len(calls) == expected
+    handle.remove()
+
+
+def test_perturbation_leaves_student_grads_untouched(setup):
+    teacher, student, batch, t = setup
+    obj = AD2Objective(student, AD2Config(method="ad2", epsilon=0.1, step_size=0.1), teacher.config)
+    losses = obj(batch, t)  # the ascent has run, the caller has not called backward yet
+    assert all(p.grad is None for p in student.parameters())
+    losses["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad(set_to_none=True)
+
+    # Reference: the same loss with δ fixed from outside; its gradients must equal the objective's exactly.
+    delta = obj.last_delta
+    ref = AD2Objective(student, AD2Config(method="ad2", alpha=0.0), teacher.config)
+    clean = ref(batch, t)["loss"]
+    with EmbeddingTap(find_embedding_module(student)) as tap:
+        tap.delta = delta
+        out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      token_type_ids=batch["token_type_ids"], output_hidden_states=True, output_attentions=True)
+    adv = kd_loss(out.logits, t.logits) + ref._add_deep({}, ref._deep_terms(out, t, batch["attention_mask"], True), 1.0)
+    (clean + adv).backward()
+    for n, p in student.named_parameters():
+        if n in grads:
+            assert torch.allclose(grads[n], p.grad, atol=1e-6), n
+
+
+@pytest.mark.parametrize(
+    "method, keys, absent",
+    [
+        ("finetune", {"ce"}, {"kd", "ada", "hidden", "pkd"}),
+        ("kd", {"ce", "kd"}, {"ada", "hidden", "attention", "pkd"}),
+        ("pkd", {"ce", "kd", "pkd", "cls/1-2"}, {"ada", "hidden"}),
+        ("ad2", {"ce", "kd", "ada", "hidden", "attention", "ada_hidden", "ada_attention", "hidden/2-4",
+                 "attention/1-2", "delta_norm_max"}, {"pkd"}),
+        ("ad2-dkd", {"ce", "kd", "ada", "delta_norm_max"}, {"hidden", "attention"}),
+        ("ad2-kd", {"ce", "ada"}, {"kd", "hidden"}),
+    ],
+)
+def test_preset_terms(setup, method, keys, absent):
+    teacher, student, batch, t = setup
+    obj = AD2Objective(student, AD2Config(method=method), teacher.config)
+    needs_t = AD2Config(method=method).needs_teacher
+    losses = obj(batch, t if needs_t else None)
+    assert keys <= set(losses) and not (absent & set(losses))
+    assert torch.isfinite(losses["loss"])
+    expected = sum(
+        w * losses[k] for k, w in (("ce", 1.0), ("kd", 1.0), ("ada", 1.0), ("hidden", 1.0), ("attention", 1.0),
+                                   ("ada_hidden", 1.0), ("ada_attention", 1.0), ("pkd", 1.0)) if k in losses
+    )
+    assert losses["loss"].item() == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_ad2_kd_uses_labels_not_teacher(setup):
+    teacher, student, batch, _ = setup
+    obj = AD2Objective(student, AD2Config(method="ad2-kd", epsilon=0.0))
+    losses = obj(batch, None)
+    # ε = 0 → the adversarial sample is the clean one; eval mode → ada equals ce
+    assert losses["ada"].item() == pytest.approx(losses["ce"].item(), rel=1e-6)
+
+
+def test_preset_overridable_term_by_term():
+    cfg = AD2Config(method="ad2", w_attention=0.0, alpha=0.5, w_kd=2.0)
+    assert (cfg.w_attention, cfg.alpha, cfg.w_kd, cfg.w_hidden) == (0.0, 0.5, 2.0, 1.0)
+    assert not cfg.needs_attentions and cfg.needs_hidden_states
+
+
+def test_regression_objective():
+    teacher, student = tiny_bert(num_labels=1, seed=1), tiny_bert(num_labels=1, seed=2)
+    batch = random_batch(num_labels=1)
+    t = teacher_out(teacher, batch)
+    losses = AD2Objective(student, AD2Config(method="ad2-dkd", epsilon=0.0), teacher.config)(batch, t)
+    with torch.no_grad():
+        pred = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert losses["ce"].item() == pytest.approx(((pred.squeeze(-1) - batch["labels"]) ** 2).mean().item(), rel=1e-5)
+    assert losses["kd"].item() == pytest.approx(((pred - t.logits) ** 2).mean().item(), rel=1e-5)
+    assert losses["ada"].item() == pytest.approx(losses["kd"].item(), rel=1e-5)
+
+
+def test_deterministic_under_fixed_seed(setup):
+    teacher, _, batch, t = setup
+    results = []
+    for _ in range(2):
+        student = tiny_bert(seed=2, layers=2).train()  # dropout on
+        obj = AD2Objective(student, AD2Config(method="ad2", random_start=True, epsilon=0.1), teacher.config)
+        torch.manual_seed(123)
+        losses = obj(batch, t)
+        losses["loss"].backward()
+        results.append((losses["loss"].item(), obj.last_delta, student.classifier.weight.grad.clone()))
+    assert results[0][0] == results[1][0]
+    assert torch.equal(results[0][1], results[1][1]) and torch.equal(results[0][2], results[1][2])
+
+
+def test_width_and_head_mismatch(setup):
+    teacher, _, batch, t = setup
+    student = tiny_bert(seed=3, layers=2, hidden=16, heads=2)
+    obj = AD2Objective(student, AD2Config(method="ad2"), teacher.config)
+    losses = obj(batch, t)
+    losses["loss"].backward()
+    assert set(obj.projections) == {"0", "1", "2"}
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in obj.projections.parameters())
+    with pytest.raises(ValueError, match="attention heads"):
+        AD2Objective(student, AD2Config(method="ad2", head_mismatch="error"), teacher.config)(batch, t)
+    with pytest.raises(ValueError, match="teacher_config"):
+        AD2Objective(student, AD2Config(method="ad2"))(batch, t)  # widths differ, no projections built
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(epsilon=-1.0), "epsilon"),
+        (dict(method="nope"), "unknown method"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(pga_steps=0), "pga_steps"),
+        (dict(alpha=-0.1), "alpha"),
+        (dict(layer_map="1-2"), "layer_map"),
+        (dict(method="finetune", w_ce=0.0), "nothing to optimise"),
+    ],
+)
+def test_bad_config_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AD2Config(**kwargs)
+
+
+def test_bad_inputs_raise_clear_errors(setup):
+    teacher, student, batch, t = setup
+    with pytest.raises(ValueError, match="labels"):
+        AD2Objective(student, AD2Config(method="kd"), teacher_config=tiny_bert(num_labels=3).config)
+    obj = AD2Objective(student, AD2Config(method="ad2"), teacher.config)
+    with pytest.raises(ValueError, match="hidden states"):
+        obj(batch, TeacherOutput(t.logits, None, t.attentions))
+    with pytest.raises(ValueError, match="needs teacher outputs"):
+        obj(batch, None)
+    with pytest.raises(ValueError, match="3 labels"):
+        AD2Objective(student, AD2Config(method="kd"))(batch, TeacherOutput(torch.zeros(6, 3)))
+    pair = dict(batch, teacher_input_ids=batch["input_ids"])
+    with pytest.raises(ValueError, match="share a tokenizer"):
+        obj(pair, t)
+
+
+def test_layer_map_strategies():
+    from ad2_ds.matching import layer_pairs
+
+    assert layer_pairs("uniform", 3, 6) == [(1, 2), (2, 4), (3, 6)]
+    assert layer_pairs("bottom", 3, 6) == [(1, 1), (2, 2), (3, 3)]
+    assert layer_pairs("top", 3, 6) == [(1, 4), (2, 5), (3, 6)]
+    assert layer_pairs("1:1,2:6", 2, 6) == [(1, 1), (2, 6)]
+    with pytest.raises(ValueError, match="teacher layer 9"):
+        AD2Objective(tiny_bert(layers=2), AD2Config(method="ad2", layer_map="1:1,2:9"), tiny_bert(layers=4).config)
