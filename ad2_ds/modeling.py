@@ -141,3 +141,62 @@ def _parent_name(model: nn.Module, target: nn.Module) -> str:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in unwrap_model(model).parameters())
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, dev_sets, collator, batch_size: int = 32, repeats: int = 5) -> float:
+    """Median milliseconds of one forward on the first ``batch_size`` dev examples (after one warm-up)."""
+    import time
+
+    ds = next(iter(dev_sets.values()))
+    batch = collator([ds[i] for i in range(min(batch_size, len(ds)))])
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in model_inputs(batch, accepted_inputs(model)).items()}
+    was_training = model.training
+    model.eval()
+    times = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        model(**inputs)
+        if i:
+            times.append((time.perf_counter() - t0) * 1000)
+    model.train(was_training)
+    return sorted(times)[len(times) // 2]
+
+
+def save_pretrained_atomic(model: nn.Module, tokenizer, path: str, extra: Optional[dict] = None) -> None:
+    """Save an HF folder (model + tokenizer) that replaces ``path`` only once it is complete. Collective under ZeRO-3
+    (the partitioned weights are gathered); rank 0 writes."""
+    import contextlib
+    import json
+    import os
+    import shutil
+
+    import torch.distributed as dist
+
+    params = list(model.parameters())
+    gather = contextlib.nullcontext()
+    if any(hasattr(p, "ds_status") for p in params):
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    with gather:
+        if rank == 0:
+            tmp, old = path + ".tmp", path + ".old"
+            shutil.rmtree(tmp, ignore_errors=True)
+            state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
+                     for k, v in model.state_dict().items()}
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            for name, obj in (extra or {}).items():
+                with open(os.path.join(tmp, name), "w") as f:
+                    json.dump(obj, f, indent=2, default=str)
+            shutil.rmtree(old, ignore_errors=True)
+            if os.path.exists(path):
+                os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

