@@ -30,8 +30,9 @@ LAYOUTS = {
             ["not_entailment", "entailment", "entailment"]),
     "wnli": (["index", "sentence1", "sentence2", "label"], lambda i, a, b, y: [str(i), a, b, y], ["1", "0", "0"]),
 }
-TEXTS_A = ['the movie was "good', "what is it ?", "a 'plot' that is boring"]
-TEXTS_B = ["it was fun", 'who "won" the prize', "this is not fun"]
+# quotes at a field's start would open a quoted field (swallowing tabs and lines) if quoting were on
+TEXTS_A = ['the movie was "good', '"what" is it ?', "a 'plot' that is boring"]
+TEXTS_B = ["it was fun", '" who won the prize', "this is not fun"]
 
 
 def write_split(path, task, split, labels=None, rows=None):
