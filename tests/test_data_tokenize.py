@@ -78,7 +78,8 @@ def test_cross_tokenizer_batches_line_up(tiny_tokenizer, teacher_tokenizer):
     text_of = {100 + i: pair for i, pair in enumerate(PAIRS)}
 
     sampler = LengthGroupedSampler(example_lengths(ds), batch_size=3, seed=1, mega_batch_mult=2)
-    loader = DataLoader(ds, batch_size=3, sampler=sampler, collate_fn=DataCollator(tok_s.pad_token_id, tok_t.pad_token_id))
+    collate = DataCollator(tok_s.pad_token_id, tok_t.pad_token_id)
+    loader = DataLoader(ds, batch_size=3, sampler=sampler, collate_fn=collate)
     seen = []
     for batch in loader:
         B = batch["idx"].shape[0]

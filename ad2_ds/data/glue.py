@@ -50,7 +50,10 @@ def task_features(spec: TaskSpec) -> datasets.Features:
     cols = {"text_a": datasets.Value("string")}
     if spec.is_pair:
         cols["text_b"] = datasets.Value("string")
-    cols["label"] = datasets.Value("float32") if spec.is_regression else datasets.ClassLabel(names=list(spec.label_list))
+    if spec.is_regression:
+        cols["label"] = datasets.Value("float32")
+    else:
+        cols["label"] = datasets.ClassLabel(names=list(spec.label_list))
     cols["idx"] = datasets.Value("int64")
     return datasets.Features(cols)
 
@@ -137,7 +140,7 @@ def find_task_dir(spec: TaskSpec, data_dir: PathLike) -> Path:
 
 
 def _normalize_hf(spec: TaskSpec, dsdict: datasets.DatasetDict, splits: Sequence[str]) -> datasets.DatasetDict:
-    """Hub / save_to_disk GLUE columns (``premise``, ``hypothesis``, ...) → ``text_a``, ``text_b``, ``label``, ``idx``."""
+    """Hub / save_to_disk GLUE columns (``premise``, ``hypothesis``, ...) → ``text_a, text_b, label, idx``."""
     out = {}
     for split in splits:
         name = split if split in dsdict else _HF_SPLITS.get(split)
@@ -338,4 +341,5 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
         return len(self.lengths)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(length_grouped_indices(self.lengths, self.batch_size, self.seed + self.epoch, self.mega_batch_mult))
+        seed = self.seed + self.epoch
+        return iter(length_grouped_indices(self.lengths, self.batch_size, seed, self.mega_batch_mult))
