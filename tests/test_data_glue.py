@@ -154,3 +154,22 @@ def test_hub_failure_gives_one_clear_error(monkeypatch):
     monkeypatch.setattr(glue.datasets, "load_dataset", offline)
     with pytest.raises(RuntimeError, match=r"could not load qqp from the Hugging Face hub .*pass data_dir"):
         load_task("qqp")
+
+
+def test_qqp_skips_short_rows_other_tasks_do_not(tmp_path, caplog):
+    make_row = LAYOUTS["qqp"][1]
+    short = ["1", "2", "3", "a question with no pair"]
+    rows = [make_row(0, "what ?", "who ?", "1"), short, make_row(2, "a", "b", "0")]
+    write_split(tmp_path / "QQP" / "train.tsv", "qqp", "train", rows=rows)
+    ds = read_tsv_split(get_task("qqp"), tmp_path / "QQP" / "train.tsv")
+    assert ds["text_a"] == ["what ?", "a"] and ds["label"] == [1, 0] and ds["idx"] == [0, 1]
+    assert "skipped 1 rows" in caplog.text
+    write_split(tmp_path / "RTE" / "train.tsv", "rte", "train", rows=[["0", "a premise", "entailment"]])
+    with pytest.raises(ValueError, match="line 2: 3 tab-separated fields, rte needs at least 4"):
+        read_tsv_split(get_task("rte"), tmp_path / "RTE" / "train.tsv")
+
+
+def test_batch_key_names_match_the_teacher_interface():
+    from ad2_ds.teachers import base
+
+    assert glue.MODEL_INPUT_KEYS == base.MODEL_INPUT_KEYS and glue.TEACHER_PREFIX == base.TEACHER_PREFIX

