@@ -12,7 +12,7 @@ For a task with several dev splits (MNLI matched / mismatched) call ``compute_me
 prefixes keys with the split name (``"dev_matched/accuracy"``), and the first of ``spec.dev_splits`` drives model
 selection. scikit-learn and scipy compute the numbers: ``evaluate``'s GLUE metric needs a hub download.
 """
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
@@ -74,7 +74,7 @@ def compute_metrics(spec: TaskSpec, predictions, labels) -> Dict[str, float]:
     return out
 
 
-def main_metric_value(spec: TaskSpec, scores: Mapping[str, float], split: str = None) -> float:
+def main_metric_value(spec: TaskSpec, scores: Mapping[str, float], split: Optional[str] = None) -> float:
     """The number that picks the best checkpoint: ``scores[spec.main_metric]`` (higher is better).
 
     With ``split``, reads the split-prefixed key (``"dev_matched/accuracy"``) that a multi-split caller writes.

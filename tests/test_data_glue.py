@@ -40,7 +40,11 @@ def write_split(path, task, split, labels=None, rows=None):
     header, make_row, default_labels = LAYOUTS[task]
     if task == "mnli" and split != "train":
         header = MNLI_DEV_HEADER
-        make_row = (lambda f: (lambda i, a, b, y: f(i, a, b, y)[:-1] + [y, y, y, y, y]))(LAYOUTS["mnli"][1])
+        train_row = LAYOUTS["mnli"][1]
+
+        def make_row(i, a, b, y):  # dev files carry five annotator labels before gold_label
+            return train_row(i, a, b, y)[:-1] + [y, y, y, y, y]
+
     labels = labels or default_labels
     lines = [] if header is None else ["\t".join(header)]
     rows = rows if rows is not None else [make_row(i, TEXTS_A[i], TEXTS_B[i], y) for i, y in enumerate(labels)]

@@ -75,7 +75,7 @@ def pip_download(name: str, version: str, dest_dir: Path) -> None:
     """The default downloader: ``pip download --no-deps --only-binary=:all:`` of exactly ``name==version``."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
            "--no-input", "-d", str(dest_dir), f"{name}=={version}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
         raise AssetError(lines[-1] if lines else f"pip exited with code {proc.returncode}")

@@ -15,8 +15,8 @@ movie-polarity  hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.csv.gz: mean   
 movie-valence   same sentences and splits as movie-polarity; the mean rating as    9,523   1,043  10% by hash
                 a float target
 trec            question_labels.txt, last 5,452 lines (the TREC train set),        4,337   1,044  20% by hash
-                ``COARSE:fine question`` → 6 coarse classes (ABBR is rare: 66 /
-                20)
+                ``COARSE:fine question`` → 6 coarse classes; 71 duplicate lines
+                merged (ABBR is rare: 66 train / 20 dev)
 sms-spam        sms-spam.csv (columns: index, spam, text) → ham / spam; 4,837      3,560     952  20% by hash
                 messages, 325 exact duplicates merged (spam: 437 train, 120 dev)
 ==============  =================================================================  ======  =====  ===========
@@ -115,8 +115,7 @@ def _write_tsv(df: pd.DataFrame, path: Path) -> None:
     # written by hand, not df.to_csv: the loader reads with quoting off, so nothing may be quoted or escaped
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         f.write("sentence\tlabel\n")
-        for sentence, label in zip(df["sentence"], df["label"]):
-            f.write(f"{sentence}\t{label}\n")
+        f.writelines(f"{sentence}\t{label}\n" for sentence, label in zip(df["sentence"], df["label"]))
 
 
 def prepare_offline_task(
