@@ -85,8 +85,11 @@ DOWNLOADER: Callable[[str, str, Path], None] = pip_download
 
 
 def sha256_file(path: os.PathLike) -> str:
+    digest = hashlib.sha256()  # chunked by hand: hashlib.file_digest needs Python 3.11, setup.py allows 3.9
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _preplaced_wheel(root: Path, name: str, version: str) -> Optional[Path]:
