@@ -1,4 +1,18 @@
 """Teachers behind one interface: ``teacher(batch) -> TeacherOutput``."""
 from .base import Teacher, TeacherOutput, teacher_inputs
+from .cache import CachedTeacher, build_teacher_cache, fingerprint
+from .ds_inference import DeepSpeedTeacher
+from .local import LocalTeacher
+from .stream import StreamingTeacher
 
-__all__ = ["Teacher", "TeacherOutput", "teacher_inputs"]
+__all__ = [
+    "Teacher",
+    "TeacherOutput",
+    "teacher_inputs",
+    "LocalTeacher",
+    "DeepSpeedTeacher",
+    "CachedTeacher",
+    "build_teacher_cache",
+    "fingerprint",
+    "StreamingTeacher",
+]

@@ -1,0 +1,212 @@
+"""Distributed helpers: ``init_distributed()`` at the top of a recipe, ``clean_exit(0)`` at its end.
+
+Works the same under ``python script.py`` (one rank: the env defaults are filled in here), ``torchrun`` and the
+``deepspeed`` launcher, on CPU (gloo) and GPU (nccl)::
+
+    from ad2_ds import dist
+    dist.init_distributed()
+    ...
+    gathered, info = dist.gather_batches(batch, group)      # variable-size micro-batches of a group
+    mine = dist.slice_for_rank(out, info, seq_dims=(1,))    # back to this rank's rows and length
+    dist.clean_exit(0)
+
+See ``/work/shared/notes/deepspeed-on-cpu.md`` for why each default is what it is.
+"""
+import importlib
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as tdist
+
+# Pad values used when micro-batches of different sequence lengths are stacked (the attention mask pads with 0,
+# so padded positions are invisible to the model; labels pad with the HF ignore index).
+DEFAULT_PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "token_type_ids": 0, "labels": -100}
+
+
+def find_free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_single_process_env() -> None:
+    """Fill in the env a launcher would set, so a plain ``python script.py`` is a one-rank job.
+
+    Only missing variables are set. Also copies torchrun's ``LOCAL_WORLD_SIZE`` into ``LOCAL_SIZE`` (DeepSpeed's shm
+    op only sets itself up when ``LOCAL_SIZE`` equals the world size; torchrun + TP inference otherwise segfaults), and
+    sets ``OMP_NUM_THREADS`` to cores // local ranks when unset (two ranks on two cores with the default thread
+    count run ~20x slower). OMP_NUM_THREADS is read when torch's thread pool starts, so call this early.
+    """
+    env = os.environ
+    if "RANK" not in env and "WORLD_SIZE" not in env:
+        # No launcher at all: a one-rank job. Never pick a port when a launcher set RANK (it owns MASTER_PORT).
+        env.setdefault("RANK", "0")
+        env.setdefault("WORLD_SIZE", "1")
+        env.setdefault("LOCAL_RANK", "0")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(find_free_port()))
+    env.setdefault("LOCAL_RANK", "0")
+    if "LOCAL_WORLD_SIZE" in env:
+        env.setdefault("LOCAL_SIZE", env["LOCAL_WORLD_SIZE"])
+    if "OMP_NUM_THREADS" not in env:
+        local_size = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", env.get("WORLD_SIZE", "1"))))
+        threads = max(1, (os.cpu_count() or 1) // max(1, local_size))
+        env["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+def init_distributed(backend: Optional[str] = None, shm_op: bool = False, timeout_s: Optional[float] = None) -> None:
+    """``deepspeed.init_distributed`` with this project's defaults; a no-op when already initialized.
+
+    backend: "gloo" without CUDA, else "nccl".
+    shm_op: build DeepSpeed's shared-memory all-reduce op on CPU. Off by default: it is JIT-compiled on first use
+        (~24 s cold) and crashes TP inference when ``LOCAL_SIZE`` is wrong; gloo's all_reduce is correct without it.
+    """
+    import deepspeed
+
+    setup_single_process_env()
+    if tdist.is_available() and tdist.is_initialized():
+        return
+    on_gpu = torch.cuda.is_available()
+    if backend is None:
+        backend = "nccl" if on_gpu else "gloo"
+    if not on_gpu and not shm_op:
+        # ``import deepspeed.comm.torch as m`` would give torch's module (deepspeed.comm re-exports torch); the
+        # module object itself lives in sys.modules.
+        importlib.import_module("deepspeed.comm.torch")
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    kwargs = {}
+    if timeout_s is not None:
+        from datetime import timedelta
+
+        kwargs["timeout"] = timedelta(seconds=timeout_s)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **kwargs)
+
+
+def get_rank(group=None) -> int:
+    return tdist.get_rank(group) if tdist.is_available() and tdist.is_initialized() else 0
+
+
+def get_world_size(group=None) -> int:
+    return tdist.get_world_size(group) if tdist.is_available() and tdist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """True on global rank 0, and in a process that never initialized torch.distributed."""
+    return get_rank() == 0
+
+
+def clean_exit(code: int = 0) -> None:
+    """End the process without the random SIGABRT at interpreter exit (a gloo worker thread freeing work while
+    Python shuts down): destroy the process group without a barrier, flush, then ``os._exit``. atexit handlers
+    do not run."""
+    try:
+        if tdist.is_available() and tdist.is_initialized():
+            tdist.destroy_process_group()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+@dataclass(frozen=True)
+class GatherInfo:
+    """Where each rank's micro-batch sits in a gathered batch.
+
+    sizes: rows per rank (group rank order); lengths: each rank's sequence length (dim 1 of ``length_key``, 0 when
+    absent); rank: this process's rank in the group.
+    """
+
+    sizes: Tuple[int, ...]
+    lengths: Tuple[int, ...]
+    rank: int
+
+    @property
+    def offsets(self) -> Tuple[int, ...]:
+        out, acc = [], 0
+        for n in self.sizes:
+            out.append(acc)
+            acc += n
+        return tuple(out)
+
+
+def _pad_to(x: torch.Tensor, shape: Sequence[int], value) -> torch.Tensor:
+    if tuple(x.shape) == tuple(shape):
+        return x
+    out = x.new_full(tuple(shape), value)
+    out[tuple(slice(0, n) for n in x.shape)] = x
+    return out
+
+
+def gather_batches(
+    batch: Mapping[str, torch.Tensor],
+    group=None,
+    pad_values: Optional[Mapping[str, object]] = None,
+    length_key: str = "input_ids",
+) -> Tuple[Dict[str, torch.Tensor], GatherInfo]:
+    """Concatenate the micro-batches of every rank of ``group`` (rank order) along dim 0; all ranks get the same.
+
+    Micro-batches may differ in rows and in every other dim (sequence length): shapes are all_gathered first,
+    each tensor is padded to the largest shape with ``pad_values[key]`` (defaults: :data:`DEFAULT_PAD_VALUES`, else 0),
+    gathered, and the padding rows are dropped again; the padding along the other dims stays (attention_mask pads
+    with 0, so it is invisible to the model). Non-tensor values are dropped. Every rank must pass the same keys.
+    Returns the gathered batch and a :class:`GatherInfo` for :func:`slice_for_rank`.
+    """
+    pads = dict(DEFAULT_PAD_VALUES, **(pad_values or {}))
+    keys = sorted(k for k, v in batch.items() if torch.is_tensor(v))
+    world = get_world_size(group)
+    me = get_rank(group)
+    meta = (keys, [tuple(batch[k].shape) for k in keys], [str(batch[k].dtype) for k in keys])
+    if world == 1:
+        metas = [meta]
+    else:
+        metas = [None] * world
+        tdist.all_gather_object(metas, meta, group=group)
+    for r, (k_r, s_r, d_r) in enumerate(metas):
+        if k_r != keys or d_r != meta[2] or [len(s) for s in s_r] != [len(s) for s in meta[1]]:
+            raise ValueError(
+                f"gather_batches: rank {r} of the group passed keys/dtypes/ranks {list(zip(k_r, d_r, s_r))}, this rank "
+                f"(group rank {me}) passed {list(zip(keys, meta[2], meta[1]))}; every rank must pass the same keys"
+            )
+    sizes = tuple(int(s_r[0][0]) if s_r else 0 for _, s_r, _ in metas)
+    if length_key in keys:
+        i = keys.index(length_key)
+        lengths = tuple(int(s_r[i][1]) if len(s_r[i]) > 1 else 0 for _, s_r, _ in metas)
+    else:
+        lengths = tuple(0 for _ in metas)
+    info = GatherInfo(sizes=sizes, lengths=lengths, rank=me)
+    if world == 1:
+        return {k: batch[k] for k in keys}, info
+    out = {}
+    for i, k in enumerate(keys):
+        max_shape = [max(s_r[i][d] for _, s_r, _ in metas) for d in range(len(meta[1][i]))]
+        x = _pad_to(batch[k].contiguous(), max_shape, pads.get(k, 0))
+        parts = [torch.empty_like(x) for _ in range(world)]
+        tdist.all_gather(parts, x, group=group)
+        out[k] = torch.cat([p[: sizes[r]] for r, p in enumerate(parts)], dim=0)
+    return out, info
+
+
+def slice_for_rank(
+    x: Optional[torch.Tensor], info: GatherInfo, rank: Optional[int] = None, seq_dims: Sequence[int] = ()
+) -> Optional[torch.Tensor]:
+    """This rank's rows of a tensor computed on a gathered batch, cropped back to its own sequence length.
+
+    x: [sum(sizes), ...]; seq_dims: the dims that are sequence positions (hidden states [B, T, H]: (1,); attentions
+    [B, heads, T, T]: (2, 3); logits [B, C]: ()). None passes through.
+    """
+    if x is None:
+        return None
+    rank = info.rank if rank is None else rank
+    start = info.offsets[rank]
+    x = x[start : start + info.sizes[rank]]
+    for d in seq_dims:
+        x = x.narrow(d, 0, info.lengths[rank])
+    return x

@@ -1,0 +1,180 @@
+"""A tensor-parallel teacher on DeepSpeed inference (AutoTP)::
+
+    dist.init_distributed()
+    teacher = DeepSpeedTeacher(model, tp_size=2, dtype=torch.bfloat16, output_hidden_states=True)
+    out = teacher(batch)       # every rank passes its own data-parallel micro-batch; gets back its own rows
+
+Ranks are grouped in consecutive blocks of ``tp_size`` (world 4, tp 2: {0, 1} and {2, 3}); each block holds one
+sharded copy of the teacher. A TP group must run the teacher on identical inputs (otherwise the all-reduces mix
+different examples and the logits are silently wrong), so ``__call__`` all-gathers the group's micro-batches
+(variable rows and lengths: padded to the longest with the pad id and a zero attention mask), runs the teacher once on
+the union, and returns each rank its own rows cropped to its own length. Before running, a checksum of the inputs is
+compared across the group (all_reduce MIN and MAX) and a mismatch raises.
+
+Attention maps: AutoTP leaves each rank only its own heads; they are all-gathered along the head dim, so the returned
+attentions are complete ([B, heads, T, T]) and equal the unsharded model's.
+
+The teacher's collectives run on process groups of its own (``dist.new_group``), never the default group, so a
+:class:`~ad2_ds.teachers.stream.StreamingTeacher` can run it in a background thread while the student's engine
+communicates on the default group (gloo; see stream.py for NCCL).
+"""
+from typing import List, Mapping, Optional
+
+import torch
+import torch.distributed as tdist
+
+from .. import dist
+from .base import Teacher, TeacherOutput
+from .local import check_attn_implementation, forward_arg_names, freeze, model_inputs
+
+
+class _TPGroup:
+    """The model-parallel unit DeepSpeed's InferenceEngine accepts (``tensor_parallel.mpu``): with it, the engine uses
+    our group instead of building its own over ranks [0, tp_size), which is wrong for a world bigger than tp_size."""
+
+    def __init__(self, group, tp_size: int):
+        self.group, self.tp_size = group, tp_size
+
+    def get_model_parallel_group(self):
+        return self.group
+
+    def get_model_parallel_rank(self) -> int:
+        return tdist.get_rank(self.group)
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.tp_size
+
+
+def new_tp_groups(tp_size: int):
+    """Create one process group per block of ``tp_size`` consecutive ranks (a collective: every rank calls it) and
+    return the block this rank belongs to."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mine = None
+    for start in range(0, world, tp_size):
+        ranks = list(range(start, start + tp_size))
+        group = tdist.new_group(ranks)
+        if rank in ranks:
+            mine = group
+    return mine
+
+
+def input_checksum(inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Per key: the shape and a position-weighted sum (so a permutation changes it too), in float64."""
+    parts = []
+    for k in sorted(inputs):
+        x = inputs[k].detach().reshape(-1).to(torch.float64)
+        w = torch.arange(x.numel(), device=x.device, dtype=torch.float64).remainder_(65521).add_(1)
+        parts.append(torch.tensor([*inputs[k].shape], dtype=torch.float64, device=x.device))
+        parts.append((x * w).sum().reshape(1))
+    return torch.cat(parts)
+
+
+def check_identical_inputs(inputs: Mapping[str, torch.Tensor], group) -> None:
+    """Raise on every rank of ``group`` when its ranks hold different inputs (all ranks raise together: no hang)."""
+    lo = input_checksum(inputs)
+    hi = lo.clone()
+    tdist.all_reduce(lo, op=tdist.ReduceOp.MIN, group=group)
+    tdist.all_reduce(hi, op=tdist.ReduceOp.MAX, group=group)
+    if not torch.equal(lo, hi):
+        raise ValueError(
+            "DeepSpeedTeacher: the ranks of a tensor-parallel group got different inputs; a TP teacher must run on the "
+            "same batch on every rank of its group (its all-reduces would mix different examples and give wrong "
+            "logits without any error). Keep gather_inputs=True, or feed the same batch to every rank of the group."
+        )
+
+
+class DeepSpeedTeacher(Teacher):
+    """A frozen HF model sharded with ``deepspeed.init_inference`` (AutoTP, no kernel injection).
+
+    tp_size: ranks per teacher copy (default: the world size); must divide the world size and the attention heads.
+    dtype: torch.float32 or torch.bfloat16 on CPU; float16 is GPU-only.
+    gather_inputs: gather the TP group's micro-batches (see the module doc). Set False only when every rank of a group
+        already gets the same batch (then each rank gets the whole output back).
+    verify_inputs: compare an input checksum across the group before running (two tiny all_reduces).
+    pad_token_id: pads shorter micro-batches when gathering (default: the model config's, else 0).
+    init_inference_kwargs: passed to ``deepspeed.init_inference``.
+    Logits come back in fp32, hidden states and attentions in ``dtype``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tp_size: Optional[int] = None,
+        dtype: torch.dtype = torch.float32,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        gather_inputs: bool = True,
+        verify_inputs: bool = True,
+        pad_token_id: Optional[int] = None,
+        **init_inference_kwargs,
+    ):
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        if dtype == torch.float16 and not torch.cuda.is_available():
+            raise ValueError(
+                "DeepSpeedTeacher: dtype=torch.float16 is not supported by DeepSpeed on CPU; use torch.bfloat16 "
+                "(or torch.float32)"
+            )
+        check_attn_implementation(model, output_attentions)
+        dist.init_distributed()
+        world = dist.get_world_size()
+        tp_size = world if tp_size is None else int(tp_size)
+        if tp_size < 1 or world % tp_size != 0:
+            raise ValueError(f"DeepSpeedTeacher: tp_size={tp_size} must divide the world size {world}")
+        heads = getattr(model.config, "num_attention_heads", None)
+        if heads is not None and heads % tp_size != 0:
+            raise ValueError(
+                f"DeepSpeedTeacher: tp_size={tp_size} must divide the teacher's {heads} attention heads "
+                "(AutoTP shards whole heads)"
+            )
+        self.tp_size = tp_size
+        self.group = new_tp_groups(tp_size) if tp_size > 1 else None
+        tp = {"tp_size": tp_size}
+        if self.group is not None:
+            tp.update(tp_group=self.group, mpu=_TPGroup(self.group, tp_size))
+        self.engine = deepspeed.init_inference(
+            freeze(model), tensor_parallel=tp, dtype=dtype, replace_with_kernel_inject=False, **init_inference_kwargs
+        )
+        self.device = torch.device(get_accelerator().current_device_name())
+        self.output_hidden_states = output_hidden_states
+        self.output_attentions = output_attentions
+        self.gather_inputs = gather_inputs
+        self.verify_inputs = verify_inputs
+        self.num_labels = model.config.num_labels
+        self.hidden_size = getattr(model.config, "hidden_size", None)
+        if pad_token_id is None:
+            pad_token_id = getattr(model.config, "pad_token_id", None)
+        self.pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
+        self._accepted = forward_arg_names(model)
+
+    def _gather_heads(self, attn: torch.Tensor) -> torch.Tensor:
+        # attn: [B, heads / tp, T, T] -> [B, heads, T, T]; AutoTP gives group rank r the r-th contiguous block.
+        parts = [torch.empty_like(attn) for _ in range(self.tp_size)]
+        tdist.all_gather(parts, attn.contiguous(), group=self.group)
+        return torch.cat(parts, dim=1)
+
+    @torch.no_grad()
+    def __call__(self, batch: Mapping[str, torch.Tensor]) -> TeacherOutput:
+        inputs = model_inputs(batch, self._accepted, self.device)
+        info = None
+        if self.group is not None and self.gather_inputs:
+            inputs, info = dist.gather_batches(inputs, self.group, pad_values={"input_ids": self.pad_token_id})
+        if self.group is not None and self.verify_inputs:
+            check_identical_inputs(inputs, self.group)
+        out = self.engine(
+            **inputs,
+            output_hidden_states=self.output_hidden_states,
+            output_attentions=self.output_attentions,
+            return_dict=True,
+        )
+        hidden: Optional[List[torch.Tensor]] = list(out.hidden_states) if self.output_hidden_states else None
+        attn: Optional[List[torch.Tensor]] = list(out.attentions) if self.output_attentions else None
+        if attn is not None and self.group is not None:
+            attn = [self._gather_heads(a) for a in attn]
+        logits = out.logits.float()
+        if info is not None:
+            logits = dist.slice_for_rank(logits, info)
+            hidden = None if hidden is None else [dist.slice_for_rank(h, info, seq_dims=(1,)) for h in hidden]
+            attn = None if attn is None else [dist.slice_for_rank(a, info, seq_dims=(2, 3)) for a in attn]
+        return TeacherOutput(logits=logits, hidden_states=hidden, attentions=attn)

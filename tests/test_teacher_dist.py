@@ -1,0 +1,85 @@
+"""ad2_ds.dist and the test launcher: variable-size gathers, failures and hangs reported, not hung on."""
+import os
+
+import pytest
+import torch
+
+from ad2_ds import dist
+from ad2_ds.testing import launch
+
+
+def _ragged_batch(rank):
+    # rank 0: 3 rows of length 5, rank 1: 2 rows of length 7
+    rows, length = (3, 5) if rank == 0 else (2, 7)
+    ids = torch.arange(rows * length).reshape(rows, length) + 100 * (rank + 1)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.arange(rows) + 10 * rank}
+
+
+def _gather(rank, world_size):
+    dist.init_distributed()
+    mine = _ragged_batch(rank)
+    gathered, info = dist.gather_batches(mine)
+    back = {k: dist.slice_for_rank(v, info, seq_dims=(1,) if v.dim() > 1 else ()) for k, v in gathered.items()}
+    return gathered, info, back, mine
+
+
+def test_gather_batches_variable_rows_and_lengths():
+    results = launch(_gather, world_size=2, timeout_s=60)
+    g0, info, back0, mine0 = results[0]
+    g1, _, back1, mine1 = results[1]
+    assert info.sizes == (3, 2) and info.lengths == (5, 7)
+    for k in g0:
+        assert torch.equal(g0[k], g1[k])
+    assert g0["input_ids"].shape == (5, 7)
+    r1 = _ragged_batch(1)
+    assert torch.equal(g0["input_ids"][3:], r1["input_ids"])
+    assert torch.equal(g0["input_ids"][:3, :5], _ragged_batch(0)["input_ids"])
+    assert (g0["input_ids"][:3, 5:] == 0).all() and (g0["attention_mask"][:3, 5:] == 0).all()
+    assert torch.equal(g0["labels"], torch.tensor([0, 1, 2, 10, 11]))
+    for back, mine in ((back0, mine0), (back1, mine1)):
+        for k in mine:
+            assert torch.equal(back[k], mine[k])
+
+
+def _fail_on_rank_1(rank, world_size):
+    dist.init_distributed()
+    if rank == 1:
+        raise KeyError("boom on rank one")
+    torch.distributed.barrier()  # rank 0 would wait here forever: the launcher must kill it
+
+
+def test_launch_propagates_a_rank_exception():
+    with pytest.raises(RuntimeError, match="rank 1 .*boom on rank one"):
+        launch(_fail_on_rank_1, world_size=2, timeout_s=60)
+
+
+def _hang(rank, world_size):
+    import time
+
+    time.sleep(60)
+
+
+def test_launch_times_out_on_a_hang():
+    with pytest.raises(TimeoutError):
+        launch(_hang, world_size=2, timeout_s=3)
+
+
+def _env(rank, world_size):
+    return {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "OMP_NUM_THREADS")}
+
+
+def test_launch_sets_rank_env():
+    envs = launch(_env, world_size=2, timeout_s=30)
+    assert [e["RANK"] for e in envs] == ["0", "1"]
+    assert all(e["WORLD_SIZE"] == "2" and e["LOCAL_SIZE"] == "2" and e["OMP_NUM_THREADS"] == "1" for e in envs)
+
+
+def _single(rank, world_size):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE", "LOCAL_WORLD_SIZE"):
+        os.environ.pop(k, None)
+    dist.init_distributed()
+    return dist.get_world_size(), dist.is_main_process(), os.environ["MASTER_ADDR"]
+
+
+def test_init_distributed_in_a_plain_process():
+    assert launch(_single, world_size=1, timeout_s=60) == [(1, True, "127.0.0.1")]
