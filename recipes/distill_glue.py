@@ -203,7 +203,9 @@ def distill(args, task, cfg, ds_config, teacher_path) -> int:
     splits = {"train": train_raw}
     for split in task.dev_splits:
         ds = raw[split]
-        splits[split] = ds.select(range(min(len(ds), args.max_eval_samples))) if args.max_eval_samples else ds
+        if args.max_eval_samples and args.max_eval_samples < len(ds):
+            ds = ds.shuffle(seed=0).select(range(args.max_eval_samples))  # dev files may be ordered by label
+        splits[split] = ds
     import datasets
 
     tokenized, truncated = tokenize_dataset(datasets.DatasetDict(splits), tok_s, args.max_seq_length,

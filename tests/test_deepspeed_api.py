@@ -27,6 +27,9 @@ def one_rank():
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # no JIT compile of the shm op in tests
     deepspeed.init_distributed(dist_backend="gloo")
     yield deepspeed
+    # Leave no process group behind: later tests fork 2-rank jobs, which a live group in this process forbids.
+    torch.distributed.destroy_process_group()
+    sys.modules["deepspeed.comm.comm"].cdb = None
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)
