@@ -30,6 +30,8 @@ from .teachers.base import Teacher
 
 logger = logging.getLogger(__name__)
 CKPT_DIR = "checkpoints"
+# Fault injection for the kill-and-resume tests: SIGKILL this process after that many micro-steps of this run.
+KILL_ENV = "AD2_FAULT_KILL_AFTER_MICRO_STEPS"
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,8 @@ def train(
 
     bar = _progress(cfg, rank, total=cfg.num_train_epochs * n_micro, initial=state.epoch * n_micro + state.micro_step_in_epoch)
     t_start = time.perf_counter() - state.train_seconds
+    kill_after = int(os.environ.get(KILL_ENV, "0"))
+    steps_this_run = 0
     while state.epoch < cfg.num_train_epochs:
         batches = epoch_batches(len(train_ds), micro_bs, cfg.seed, state.epoch, rank, world_size, lengths, gas)
         todo = batches[state.micro_step_in_epoch:]
@@ -247,6 +251,11 @@ def train(
             engine.backward(losses["loss"])
             engine.step()
             state.micro_step_in_epoch += 1
+            steps_this_run += 1
+            if steps_this_run == kill_after:
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
             state.samples += batch["input_ids"].shape[0] * world_size
             boundary = engine.global_steps != state.global_step
             state.global_step = engine.global_steps

@@ -73,3 +73,47 @@ def random_batch(batch_size=4, seq_len=8, vocab_size=60, num_labels=2, seed=0, p
         "labels": labels,
         "idx": torch.arange(batch_size),
     }
+
+
+@pytest.fixture
+def no_dist_left():
+    """For tests that initialise torch.distributed in the pytest process: tear it down afterwards, since later
+    tests fork 2-rank jobs, which a live process group in the parent forbids."""
+    yield
+    import sys
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    comm = sys.modules.get("deepspeed.comm.comm")
+    if comm is not None:
+        comm.cdb = None
+
+
+def write_glue_fixture(root, n_train=40, n_dev=12, seed=0):
+    """A tiny SST-2 folder in the GLUE TSV layout (header ``sentence\\tlabel``) from the tiny vocab's words."""
+    import random
+
+    rng = random.Random(seed)
+    pos, neg = ["good", "great", "fun", "love"], ["bad", "awful", "boring", "hate"]
+    task = root / "SST-2"
+    task.mkdir(parents=True)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        rows = ["sentence\tlabel"]
+        for i in range(n):
+            label = i % 2
+            words = [rng.choice(pos if label else neg)] + rng.sample(["the", "movie", "film", "plot", "was", "very"], 3)
+            rng.shuffle(words)
+            rows.append(" ".join(words[: 2 + i % 3]) + f"\t{label}")
+        (task / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def save_tiny_teacher(path, vocab_path, num_labels=2, layers=2):
+    from transformers import BertTokenizer
+
+    model = tiny_bert(num_labels=num_labels, seed=1, layers=layers)
+    model.save_pretrained(path)
+    BertTokenizer(vocab=str(vocab_path)).save_pretrained(path)
+    return path

@@ -1,0 +1,111 @@
+"""recipes/distill_glue.py end to end on a tiny GLUE-format fixture and a tiny saved teacher."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import save_tiny_teacher, write_glue_fixture
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+
+
+@pytest.fixture
+def fixture_dirs(tmp_path, tiny_vocab):
+    data = write_glue_fixture(tmp_path / "glue")
+    teacher = save_tiny_teacher(tmp_path / "teacher", tiny_vocab, layers=2)
+    ds = tmp_path / "ds.json"
+    cfg = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    cfg["train_micro_batch_size_per_gpu"] = 4
+    cfg["gradient_accumulation_steps"] = 2
+    ds.write_text(json.dumps(cfg))
+    return data, teacher, ds
+
+
+def _argv(data, teacher, ds, out, *extra):
+    return ["--deepspeed", str(ds), "--task", "sst2", "--data_dir", str(data), "--teacher", str(teacher),
+            "--student_layers", "bottom:1", "--max_seq_length", "16", "--output_dir", str(out), "--no_progress",
+            "--epsilon", "1e-3", *extra]
+
+
+def test_recipe_runs_writes_results_and_a_loadable_student_then_resumes(fixture_dirs, tmp_path, no_dist_left, capsys):
+    import distill_glue
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    data, teacher, ds = fixture_dirs
+    out = tmp_path / "run"
+    assert distill_glue.main(_argv(data, teacher, ds, out, "--num_train_epochs", "1", "--eval_steps", "2")) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "sst2" and results["method"] == "ad2" and results["world_size"] == 1
+    assert results["engine"] == {"micro_batch": 4, "grad_accum": 2, "bf16": False, "fp16": False, "zero_stage": 2}
+    assert results["ds_config"]["scheduler"]["params"]["total_num_steps"] == 5  # 40 examples / (4 x 2), resolved
+    assert [h["step"] for h in results["history"]] == [2, 4, 5]
+    assert "accuracy" in results["best"] and results["samples_per_second"] > 0
+    assert "teacher_scores" in results and results["student_params"] < results["teacher_params"]
+    student = AutoModelForSequenceClassification.from_pretrained(out / "best")
+    tok = AutoTokenizer.from_pretrained(out / "best")
+    assert student.config.num_hidden_layers == 1 and student.config.num_labels == 2
+    assert student(**tok(["the movie was good"], return_tensors="pt")).logits.shape == (1, 2)
+    assert "best student saved to" in capsys.readouterr().out
+
+    before = (out / "results.json").read_bytes()
+    assert distill_glue.main(_argv(data, teacher, ds, out, "--num_train_epochs", "1")) == 2  # refuses to clobber
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == before
+
+    assert distill_glue.main(_argv(data, teacher, ds, out, "--num_train_epochs", "2", "--eval_steps", "2",
+                                   "--resume")) == 0
+    resumed = json.loads((out / "results.json").read_text())
+    assert [h["step"] for h in resumed["history"]] == [2, 4, 5, 6, 8, 10]
+
+
+def _final_weights(out):
+    ckpt = out / "checkpoints"
+    tag = (ckpt / "latest").read_text().strip()
+    state = torch.load(ckpt / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return tag, state["module"]
+
+
+def _run(argv, env_extra=None, launcher=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env_extra or {}))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = (launcher or [sys.executable]) + [str(ROOT / "recipes" / "distill_glue.py")] + argv
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_kill_9_then_resume_ends_with_the_same_weights(fixture_dirs, tmp_path):
+    data, teacher, ds = fixture_dirs
+    common = ["--num_train_epochs", "2", "--eval_steps", "2", "--method", "ad2-dkd"]
+    full = _run(_argv(data, teacher, ds, tmp_path / "full", *common))
+    assert full.returncode == 0, full.stderr[-2000:]
+    # killed after 7 micro-steps: checkpoint at optimizer step 2 (micro-step 4) exists, step 3 is half accumulated
+    killed = _run(_argv(data, teacher, ds, tmp_path / "killed", *common), {"AD2_FAULT_KILL_AFTER_MICRO_STEPS": "7"})
+    assert killed.returncode == -9
+    assert not (tmp_path / "killed" / "results.json").exists()
+    assert (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip() == "global_step2"
+    resumed = _run(_argv(data, teacher, ds, tmp_path / "killed", *common, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    tag_a, a = _final_weights(tmp_path / "full")
+    tag_b, b = _final_weights(tmp_path / "killed")
+    assert tag_a == tag_b == "global_step10"
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+    hist_a = json.loads((tmp_path / "full" / "results.json").read_text())["history"]
+    hist_b = json.loads((tmp_path / "killed" / "results.json").read_text())["history"]
+    assert hist_a == hist_b
+
+
+def test_recipe_under_the_deepspeed_launcher_on_two_ranks(fixture_dirs, tmp_path):
+    data, teacher, ds = fixture_dirs
+    out = tmp_path / "two"
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
+    res = _run(_argv(data, teacher, ds, out, "--num_train_epochs", "1", "--teacher_tp_size", "2",
+                     "--method", "ad2"), launcher=launcher)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2 and results["history"]
+    assert (out / "best" / "model.safetensors").is_file()
