@@ -12,12 +12,13 @@ Works the same under ``python script.py`` (one rank: the env defaults are filled
 
 See ``/work/shared/notes/deepspeed-on-cpu.md`` for why each default is what it is.
 """
+
 import importlib
 import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as tdist
@@ -172,8 +173,9 @@ def gather_batches(
     for r, (k_r, s_r, d_r) in enumerate(metas):
         if k_r != keys or d_r != meta[2] or [len(s) for s in s_r] != [len(s) for s in meta[1]]:
             raise ValueError(
-                f"gather_batches: rank {r} of the group passed keys/dtypes/ranks {list(zip(k_r, d_r, s_r))}, this rank "
-                f"(group rank {me}) passed {list(zip(keys, meta[2], meta[1]))}; every rank must pass the same keys"
+                f"gather_batches: rank {r} of the group passed keys/dtypes/shapes {list(zip(k_r, d_r, s_r))}, "
+                f"this rank (group rank {me}) passed {list(zip(keys, meta[2], meta[1]))}; "
+                "every rank must pass the same keys"
             )
     sizes = tuple(int(s_r[0][0]) if s_r else 0 for _, s_r, _ in metas)
     if length_key in keys:

@@ -1,4 +1,5 @@
 """ad2_ds.dist and the test launcher: variable-size gathers, failures and hangs reported, not hung on."""
+
 import os
 
 import pytest

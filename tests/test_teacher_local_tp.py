@@ -1,4 +1,5 @@
 """LocalTeacher equals its model; the tensor-parallel DeepSpeedTeacher equals the unsharded one (2 gloo ranks)."""
+
 import pytest
 import torch
 from conftest import random_batch, tiny_bert
@@ -13,8 +14,11 @@ def test_local_teacher_logits_equal_the_model():
     batch = random_batch(num_labels=3, seed=3)
     with torch.no_grad():
         ref = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"],
-            output_hidden_states=True, output_attentions=True,
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            token_type_ids=batch["token_type_ids"],
+            output_hidden_states=True,
+            output_attentions=True,
         )
     out = LocalTeacher(model, output_hidden_states=True, output_attentions=True)(batch)
     assert out.logits.dtype == torch.float32 and not out.logits.requires_grad
@@ -39,7 +43,9 @@ def test_local_teacher_uses_teacher_keys_and_drops_unaccepted_inputs():
     cfg = DistilBertConfig(vocab_size=80, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64)
     model = DistilBertForSequenceClassification(cfg).eval()
     t = random_batch(seed=5, vocab_size=80)
-    batch = dict(random_batch(seed=6), **{"teacher_" + k: t[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
+    batch = dict(
+        random_batch(seed=6), **{"teacher_" + k: t[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    )
     with torch.no_grad():
         ref = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
     assert torch.equal(LocalTeacher(model)(batch).logits, ref)
@@ -63,8 +69,9 @@ def _tp_vs_unsharded(rank, world_size, dtype):
     dist.init_distributed()
     batch = _rank_batch(rank)
     ref = LocalTeacher(tiny_bert(num_labels=3), output_hidden_states=True, output_attentions=True)(batch)
-    tp = DeepSpeedTeacher(tiny_bert(num_labels=3), tp_size=2, dtype=dtype, output_hidden_states=True,
-                          output_attentions=True)
+    tp = DeepSpeedTeacher(
+        tiny_bert(num_labels=3), tp_size=2, dtype=dtype, output_hidden_states=True, output_attentions=True
+    )
     layer = tp.engine.module.bert.encoder.layer[0].attention.self.query
     assert layer.weight.shape[0] == 16, "AutoTP did not shard the query projection"
     out = tp(batch)
