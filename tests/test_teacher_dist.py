@@ -84,3 +84,19 @@ def _single(rank, world_size):
 
 def test_init_distributed_in_a_plain_process():
     assert launch(_single, world_size=1, timeout_s=60) == [(1, True, "127.0.0.1")]
+
+
+def test_single_process_env_defaults_and_torchrun_local_size(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    dist.setup_single_process_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("0", "1", "0")
+    assert os.environ["MASTER_ADDR"] == "127.0.0.1" and int(os.environ["MASTER_PORT"]) > 0
+    # under torchrun: the launcher's values are kept, LOCAL_WORLD_SIZE is copied for DeepSpeed's shm op
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_PORT", "29511")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    dist.setup_single_process_env()
+    assert os.environ["RANK"] == "1" and os.environ["MASTER_PORT"] == "29511" and os.environ["LOCAL_SIZE"] == "2"

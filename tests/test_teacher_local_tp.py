@@ -128,3 +128,25 @@ def test_tp_teacher_config_errors(kwargs, match):
     world = 1 if kwargs.get("tp_size") != 2 else 2
     with pytest.raises(RuntimeError, match=match):
         launch(_bad_config, world_size=world, args=(kwargs,), timeout_s=60)
+
+
+def _tp2_of_4(rank, world_size):
+    from ad2_ds.teachers.ds_inference import DeepSpeedTeacher
+
+    dist.init_distributed()
+    batch = random_batch(batch_size=2 + rank % 2, seq_len=6 + rank, seed=30 + rank)
+    ref = LocalTeacher(tiny_bert(), output_hidden_states=True)(batch)
+    tp = DeepSpeedTeacher(tiny_bert(), tp_size=2, output_hidden_states=True)
+    out = tp(batch)
+    members = [None, None]
+    torch.distributed.all_gather_object(members, rank, group=tp.group)
+    err_hidden = (out.hidden_states[-1] - ref.hidden_states[-1]).abs().max().item()
+    return members, (out.logits - ref.logits).abs().max().item(), err_hidden
+
+
+def test_two_tp_groups_of_two_in_a_world_of_four():
+    # DeepSpeed alone would build a single TP group over ranks [0, tp_size); the teacher makes one group per block
+    results = launch(_tp2_of_4, world_size=4, timeout_s=120)
+    assert [r[0] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    for _, err_logits, err_hidden in results:
+        assert err_logits < 1e-5 and err_hidden < 1e-5
