@@ -62,7 +62,7 @@ def setup_single_process_env() -> None:
 
 
 def init_distributed(backend: Optional[str] = None, shm_op: bool = False, timeout_s: Optional[float] = None) -> None:
-    """``deepspeed.init_distributed`` with this project's defaults; a no-op when already initialized.
+    """``deepspeed.init_distributed`` with this project's defaults; idempotent.
 
     backend: "gloo" without CUDA, else "nccl".
     shm_op: build DeepSpeed's shared-memory all-reduce op on CPU. Off by default: it is JIT-compiled on first use
@@ -71,8 +71,6 @@ def init_distributed(backend: Optional[str] = None, shm_op: bool = False, timeou
     import deepspeed
 
     setup_single_process_env()
-    if tdist.is_available() and tdist.is_initialized():
-        return
     on_gpu = torch.cuda.is_available()
     if backend is None:
         backend = "nccl" if on_gpu else "gloo"
@@ -88,6 +86,8 @@ def init_distributed(backend: Optional[str] = None, shm_op: bool = False, timeou
         from datetime import timedelta
 
         kwargs["timeout"] = timedelta(seconds=timeout_s)
+    # Also when torch.distributed is already up (e.g. initialized by another library): DeepSpeed then only wraps the
+    # existing default group in its comm backend, which its inference engine needs.
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **kwargs)
 
 

@@ -100,3 +100,19 @@ def test_single_process_env_defaults_and_torchrun_local_size(monkeypatch):
     monkeypatch.delenv("LOCAL_SIZE", raising=False)
     dist.setup_single_process_env()
     assert os.environ["RANK"] == "1" and os.environ["MASTER_PORT"] == "29511" and os.environ["LOCAL_SIZE"] == "2"
+
+
+def _torch_first(rank, world_size):
+    from conftest import random_batch, tiny_bert
+
+    from ad2_ds.teachers.ds_inference import DeepSpeedTeacher
+
+    torch.distributed.init_process_group("gloo")  # someone else initialized torch.distributed first
+    dist.init_distributed()
+    dist.init_distributed()  # idempotent
+    out = DeepSpeedTeacher(tiny_bert(), tp_size=2)(random_batch(seed=rank))
+    return out.logits.shape
+
+
+def test_init_distributed_after_torch_init_and_twice():
+    assert launch(_torch_first, world_size=2, timeout_s=60) == [torch.Size([4, 2])] * 2

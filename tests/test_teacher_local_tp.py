@@ -150,3 +150,10 @@ def test_two_tp_groups_of_two_in_a_world_of_four():
     assert [r[0] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     for _, err_logits, err_hidden in results:
         assert err_logits < 1e-5 and err_hidden < 1e-5
+
+
+def test_tp2_teacher_in_bf16_is_close_to_fp32():
+    for ref, out in launch(_tp_vs_unsharded, world_size=2, args=(torch.bfloat16,), timeout_s=120):
+        assert out.logits.dtype == torch.float32 and out.hidden_states[-1].dtype == torch.bfloat16
+        torch.testing.assert_close(out.logits, ref.logits, atol=3e-2, rtol=3e-2)
+        torch.testing.assert_close(out.hidden_states[-1].float(), ref.hidden_states[-1], atol=1e-1, rtol=5e-2)
