@@ -12,12 +12,13 @@ Works the same under ``python script.py`` (one rank: the env defaults are filled
 
 See ``/work/shared/notes/deepspeed-on-cpu.md`` for why each default is what it is.
 """
+
 import importlib
 import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as tdist
@@ -61,7 +62,7 @@ def setup_single_process_env() -> None:
 
 
 def init_distributed(backend: Optional[str] = None, shm_op: bool = False, timeout_s: Optional[float] = None) -> None:
-    """``deepspeed.init_distributed`` with this project's defaults; a no-op when already initialized.
+    """``deepspeed.init_distributed`` with this project's defaults; idempotent.
 
     backend: "gloo" without CUDA, else "nccl".
     shm_op: build DeepSpeed's shared-memory all-reduce op on CPU. Off by default: it is JIT-compiled on first use
@@ -70,8 +71,6 @@ def init_distributed(backend: Optional[str] = None, shm_op: bool = False, timeou
     import deepspeed
 
     setup_single_process_env()
-    if tdist.is_available() and tdist.is_initialized():
-        return
     on_gpu = torch.cuda.is_available()
     if backend is None:
         backend = "nccl" if on_gpu else "gloo"
@@ -87,6 +86,8 @@ def init_distributed(backend: Optional[str] = None, shm_op: bool = False, timeou
         from datetime import timedelta
 
         kwargs["timeout"] = timedelta(seconds=timeout_s)
+    # Also when torch.distributed is already up (e.g. initialized by another library): DeepSpeed then only wraps the
+    # existing default group in its comm backend, which its inference engine needs.
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **kwargs)
 
 
@@ -172,8 +173,9 @@ def gather_batches(
     for r, (k_r, s_r, d_r) in enumerate(metas):
         if k_r != keys or d_r != meta[2] or [len(s) for s in s_r] != [len(s) for s in meta[1]]:
             raise ValueError(
-                f"gather_batches: rank {r} of the group passed keys/dtypes/ranks {list(zip(k_r, d_r, s_r))}, this rank "
-                f"(group rank {me}) passed {list(zip(keys, meta[2], meta[1]))}; every rank must pass the same keys"
+                f"gather_batches: rank {r} of the group passed keys/dtypes/shapes {list(zip(k_r, d_r, s_r))}, "
+                f"this rank (group rank {me}) passed {list(zip(keys, meta[2], meta[1]))}; "
+                "every rank must pass the same keys"
             )
     sizes = tuple(int(s_r[0][0]) if s_r else 0 for _, s_r, _ in metas)
     if length_key in keys:

@@ -15,6 +15,7 @@ raise ``RuntimeError`` carrying that rank's traceback (the other ranks, likely s
 a job that does not finish within ``timeout_s`` is killed and raises ``TimeoutError``, so a hang fails the test
 instead of hanging CI. Ranks end with ``dist.clean_exit`` (no SIGABRT at exit).
 """
+
 import multiprocessing as mp
 import os
 import pickle

@@ -1,4 +1,5 @@
 """The on-disk teacher cache equals the live teacher (fp16/bf16 tolerance), refuses stale caches and missing ids."""
+
 import json
 
 import numpy as np
@@ -60,8 +61,14 @@ def test_cached_outputs_equal_live_outputs(tmp_path, capsys, dtype, tol):
 
 def test_cached_teacher_pads_past_the_stored_length(tmp_path):
     model = tiny_bert()
-    build_teacher_cache(LocalTeacher(model, output_hidden_states=True), _batches(), tmp_path, _fp(model),
-                        hidden_layers=[1], num_examples=10)
+    build_teacher_cache(
+        LocalTeacher(model, output_hidden_states=True),
+        _batches(),
+        tmp_path,
+        _fp(model),
+        hidden_layers=[1],
+        num_examples=10,
+    )
     batch = random_batch(batch_size=2, seq_len=MAX_LEN + 3)
     h = CachedTeacher(tmp_path, _fp(model))(batch).hidden_states[1]
     assert h.shape == (2, MAX_LEN + 3, 32) and (h[:, MAX_LEN:] == 0).all()
@@ -116,8 +123,14 @@ def _build_sharded(rank, world_size, cache_dir):
         extra = random_batch(batch_size=1, seq_len=5, seed=7)
         extra["idx"] = torch.tensor([9])
         batches.append(extra)
-    build_teacher_cache(LocalTeacher(model, output_hidden_states=True), batches, cache_dir, _fp(model),
-                        hidden_layers=[2], num_examples=16)
+    build_teacher_cache(
+        LocalTeacher(model, output_hidden_states=True),
+        batches,
+        cache_dir,
+        _fp(model),
+        hidden_layers=[2],
+        num_examples=16,
+    )
     return None
 
 

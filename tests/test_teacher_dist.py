@@ -1,4 +1,5 @@
 """ad2_ds.dist and the test launcher: variable-size gathers, failures and hangs reported, not hung on."""
+
 import os
 
 import pytest
@@ -83,3 +84,35 @@ def _single(rank, world_size):
 
 def test_init_distributed_in_a_plain_process():
     assert launch(_single, world_size=1, timeout_s=60) == [(1, True, "127.0.0.1")]
+
+
+def test_single_process_env_defaults_and_torchrun_local_size(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    dist.setup_single_process_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("0", "1", "0")
+    assert os.environ["MASTER_ADDR"] == "127.0.0.1" and int(os.environ["MASTER_PORT"]) > 0
+    # under torchrun: the launcher's values are kept, LOCAL_WORLD_SIZE is copied for DeepSpeed's shm op
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_PORT", "29511")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    dist.setup_single_process_env()
+    assert os.environ["RANK"] == "1" and os.environ["MASTER_PORT"] == "29511" and os.environ["LOCAL_SIZE"] == "2"
+
+
+def _torch_first(rank, world_size):
+    from conftest import random_batch, tiny_bert
+
+    from ad2_ds.teachers.ds_inference import DeepSpeedTeacher
+
+    torch.distributed.init_process_group("gloo")  # someone else initialized torch.distributed first
+    dist.init_distributed()
+    dist.init_distributed()  # idempotent
+    out = DeepSpeedTeacher(tiny_bert(), tp_size=2)(random_batch(seed=rank))
+    return out.logits.shape
+
+
+def test_init_distributed_after_torch_init_and_twice():
+    assert launch(_torch_first, world_size=2, timeout_s=60) == [torch.Size([4, 2])] * 2

@@ -1,4 +1,5 @@
 """LocalTeacher equals its model; the tensor-parallel DeepSpeedTeacher equals the unsharded one (2 gloo ranks)."""
+
 import pytest
 import torch
 from conftest import random_batch, tiny_bert
@@ -13,8 +14,11 @@ def test_local_teacher_logits_equal_the_model():
     batch = random_batch(num_labels=3, seed=3)
     with torch.no_grad():
         ref = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"],
-            output_hidden_states=True, output_attentions=True,
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            token_type_ids=batch["token_type_ids"],
+            output_hidden_states=True,
+            output_attentions=True,
         )
     out = LocalTeacher(model, output_hidden_states=True, output_attentions=True)(batch)
     assert out.logits.dtype == torch.float32 and not out.logits.requires_grad
@@ -39,7 +43,9 @@ def test_local_teacher_uses_teacher_keys_and_drops_unaccepted_inputs():
     cfg = DistilBertConfig(vocab_size=80, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64)
     model = DistilBertForSequenceClassification(cfg).eval()
     t = random_batch(seed=5, vocab_size=80)
-    batch = dict(random_batch(seed=6), **{"teacher_" + k: t[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
+    batch = dict(
+        random_batch(seed=6), **{"teacher_" + k: t[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    )
     with torch.no_grad():
         ref = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
     assert torch.equal(LocalTeacher(model)(batch).logits, ref)
@@ -63,8 +69,9 @@ def _tp_vs_unsharded(rank, world_size, dtype):
     dist.init_distributed()
     batch = _rank_batch(rank)
     ref = LocalTeacher(tiny_bert(num_labels=3), output_hidden_states=True, output_attentions=True)(batch)
-    tp = DeepSpeedTeacher(tiny_bert(num_labels=3), tp_size=2, dtype=dtype, output_hidden_states=True,
-                          output_attentions=True)
+    tp = DeepSpeedTeacher(
+        tiny_bert(num_labels=3), tp_size=2, dtype=dtype, output_hidden_states=True, output_attentions=True
+    )
     layer = tp.engine.module.bert.encoder.layer[0].attention.self.query
     assert layer.weight.shape[0] == 16, "AutoTP did not shard the query projection"
     out = tp(batch)
@@ -121,3 +128,32 @@ def test_tp_teacher_config_errors(kwargs, match):
     world = 1 if kwargs.get("tp_size") != 2 else 2
     with pytest.raises(RuntimeError, match=match):
         launch(_bad_config, world_size=world, args=(kwargs,), timeout_s=60)
+
+
+def _tp2_of_4(rank, world_size):
+    from ad2_ds.teachers.ds_inference import DeepSpeedTeacher
+
+    dist.init_distributed()
+    batch = random_batch(batch_size=2 + rank % 2, seq_len=6 + rank, seed=30 + rank)
+    ref = LocalTeacher(tiny_bert(), output_hidden_states=True)(batch)
+    tp = DeepSpeedTeacher(tiny_bert(), tp_size=2, output_hidden_states=True)
+    out = tp(batch)
+    members = [None, None]
+    torch.distributed.all_gather_object(members, rank, group=tp.group)
+    err_hidden = (out.hidden_states[-1] - ref.hidden_states[-1]).abs().max().item()
+    return members, (out.logits - ref.logits).abs().max().item(), err_hidden
+
+
+def test_two_tp_groups_of_two_in_a_world_of_four():
+    # DeepSpeed alone would build a single TP group over ranks [0, tp_size); the teacher makes one group per block
+    results = launch(_tp2_of_4, world_size=4, timeout_s=120)
+    assert [r[0] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    for _, err_logits, err_hidden in results:
+        assert err_logits < 1e-5 and err_hidden < 1e-5
+
+
+def test_tp2_teacher_in_bf16_is_close_to_fp32():
+    for ref, out in launch(_tp_vs_unsharded, world_size=2, args=(torch.bfloat16,), timeout_s=120):
+        assert out.logits.dtype == torch.float32 and out.hidden_states[-1].dtype == torch.bfloat16
+        torch.testing.assert_close(out.logits, ref.logits, atol=3e-2, rtol=3e-2)
+        torch.testing.assert_close(out.hidden_states[-1].float(), ref.hidden_states[-1], atol=1e-1, rtol=5e-2)

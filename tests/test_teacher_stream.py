@@ -1,4 +1,5 @@
 """StreamingTeacher: same outputs in the same order as in-line, producer errors re-raised, teacher time hidden."""
+
 import time
 
 import pytest

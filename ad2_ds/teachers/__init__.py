@@ -1,4 +1,5 @@
 """Teachers behind one interface: ``teacher(batch) -> TeacherOutput``."""
+
 from .base import Teacher, TeacherOutput, teacher_inputs
 from .cache import CachedTeacher, build_teacher_cache, fingerprint
 from .ds_inference import DeepSpeedTeacher

@@ -16,12 +16,13 @@ Layout of ``cache_dir`` (each rank writes the examples it saw, keyed by the exam
 
 Every file is written to a temporary name and renamed; a cache is valid only once ``meta.json`` exists.
 """
+
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -235,8 +236,12 @@ def build_teacher_cache(
                 if max_bytes is not None and est > max_bytes:
                     raise ValueError(f"build_teacher_cache: estimated {est} bytes > max_bytes={max_bytes}")
             writer = _ShardWriter(
-                cache_dir, rank, capacity, num_logits,
-                (len(layers), max_length, hidden_size) if layers else None, _STORAGE[dtype][1],
+                cache_dir,
+                rank,
+                capacity,
+                num_logits,
+                (len(layers), max_length, hidden_size) if layers else None,
+                _STORAGE[dtype][1],
             )
         writer.write(idx, logits, hidden)
     rows = writer.close() if writer is not None else 0
@@ -312,12 +317,14 @@ class CachedTeacher(Teacher):
         meta_path = self.cache_dir / "meta.json"
         if not meta_path.exists():
             raise FileNotFoundError(
-                f"CachedTeacher: {meta_path} does not exist: no complete cache in {self.cache_dir} (a build that did not "
-                "finish leaves none); run build_teacher_cache first"
+                f"CachedTeacher: {meta_path} does not exist: no complete cache in {self.cache_dir} (a build that did "
+                "not finish leaves none); run build_teacher_cache first"
             )
         meta = json.loads(meta_path.read_text())
         if meta.get("format") != FORMAT_VERSION:
-            raise ValueError(f"CachedTeacher: cache format {meta.get('format')} != {FORMAT_VERSION}; rebuild the cache")
+            raise ValueError(
+                f"CachedTeacher: cache format {meta.get('format')} != {FORMAT_VERSION}; rebuild the cache"
+            )
         want = expected_fingerprint if isinstance(expected_fingerprint, str) else fingerprint(expected_fingerprint)
         if meta["fingerprint"] != want:
             detail = ""
@@ -326,12 +333,15 @@ class CachedTeacher(Teacher):
                 keys = sorted(k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k))
                 detail = f" (differing: {keys})"
             raise ValueError(
-                f"CachedTeacher: stale cache in {self.cache_dir}: it was built for fingerprint {meta['fingerprint'][:12]}, "
-                f"this run expects {want[:12]}{detail}; rebuild it with build_teacher_cache(..., overwrite=True)"
+                f"CachedTeacher: stale cache in {self.cache_dir}: it was built for fingerprint "
+                f"{meta['fingerprint'][:12]}, this run expects {want[:12]}{detail}; "
+                "rebuild it with build_teacher_cache(..., overwrite=True)"
             )
         missing = sorted(set(require_hidden_layers) - set(meta["hidden_layers"]))
         if missing:
-            raise ValueError(f"CachedTeacher: hidden layers {missing} are not in the cache (it has {meta['hidden_layers']})")
+            raise ValueError(
+                f"CachedTeacher: hidden layers {missing} are not in the cache (it has {meta['hidden_layers']})"
+            )
         self.meta = meta
         self.dtype, self.device = dtype, device
         self.num_labels = meta["num_logits"]

@@ -18,6 +18,7 @@ The teacher's collectives run on process groups of its own (``dist.new_group``),
 :class:`~ad2_ds.teachers.stream.StreamingTeacher` can run it in a background thread while the student's engine
 communicates on the default group (gloo; see stream.py for NCCL).
 """
+
 from typing import List, Mapping, Optional
 
 import torch
@@ -77,8 +78,8 @@ def check_identical_inputs(inputs: Mapping[str, torch.Tensor], group) -> None:
     tdist.all_reduce(hi, op=tdist.ReduceOp.MAX, group=group)
     if not torch.equal(lo, hi):
         raise ValueError(
-            "DeepSpeedTeacher: the ranks of a tensor-parallel group got different inputs; a TP teacher must run on the "
-            "same batch on every rank of its group (its all-reduces would mix different examples and give wrong "
+            "DeepSpeedTeacher: the ranks of a tensor-parallel group got different inputs; a TP teacher must run on "
+            "the same batch on every rank of its group (its all-reduces would mix different examples and give wrong "
             "logits without any error). Keep gather_inputs=True, or feed the same batch to every rank of the group."
         )
 

@@ -4,6 +4,7 @@ The model is put in eval mode with ``requires_grad=False`` and run under ``torch
 ``inference_mode``: its outputs become loss targets next to student tensors that require grad, and inference
 tensors cannot be saved for backward).
 """
+
 import inspect
 from typing import Dict, Mapping, Optional
 
@@ -34,7 +35,7 @@ def check_attn_implementation(model: torch.nn.Module, output_attentions: bool) -
     if output_attentions and impl not in (None, "eager"):
         raise ValueError(
             f"output_attentions=True needs eager attention, but the teacher uses attn_implementation={impl!r}, which "
-            "returns no attention maps: load it with attn_implementation=\"eager\""
+            'returns no attention maps: load it with attn_implementation="eager"'
         )
 
 

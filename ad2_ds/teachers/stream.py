@@ -17,6 +17,7 @@ groups of its own, so its collectives in the producer thread never interleave wi
 driven concurrently from two threads can deadlock when ranks enqueue their kernels in different orders; on GPU pass
 ``inline=True`` for a TP teacher unless you have checked your NCCL setup (a DeepSpeedTeacher on CUDA defaults to it).
 """
+
 import queue
 import threading
 import time
