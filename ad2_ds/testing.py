@@ -27,9 +27,10 @@ from typing import Any, Callable, List, Optional, Sequence
 from . import dist
 
 
-def _reset_inherited_state() -> None:
-    """A forked child inherits module globals of the parent: DeepSpeed's comm backend and its cached TP group would
-    look initialized and skip the real setup."""
+def reset_deepspeed_state() -> None:
+    """Forget DeepSpeed's module-level distributed state (comm backend, cached process groups, the inference TP
+    group). A forked child inherits it from the parent, and a test that ended its process group leaves it stale:
+    either way it would look initialized and skip the real setup, or hand out groups that no longer exist."""
     import sys
 
     comm = sys.modules.get("deepspeed.comm.comm")
@@ -38,6 +39,13 @@ def _reset_inherited_state() -> None:
     engine = sys.modules.get("deepspeed.inference.engine")
     if engine is not None:
         engine.InferenceEngine.inference_mp_group = None
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:
+        for name, value in list(vars(groups).items()):
+            if name.startswith("_") and name.endswith(("_GROUP", "_GROUP_RANKS")):
+                setattr(groups, name, {} if isinstance(value, dict) else None)
+        groups.mpu = None
+
 
 
 def _worker(fn, rank, world_size, port, args, kwargs, conn) -> None:
@@ -56,7 +64,7 @@ def _worker(fn, rank, world_size, port, args, kwargs, conn) -> None:
         import torch
 
         torch.set_num_threads(1)
-        _reset_inherited_state()
+        reset_deepspeed_state()
         result = fn(rank, world_size, *args, **kwargs)
         payload = ("ok", result)
     except BaseException as e:  # noqa: BLE001 - every failure must reach the parent

@@ -80,15 +80,13 @@ def no_dist_left():
     """For tests that initialise torch.distributed in the pytest process: tear it down afterwards, since later
     tests fork 2-rank jobs, which a live process group in the parent forbids."""
     yield
-    import sys
-
     import torch.distributed as dist
+
+    from ad2_ds.testing import reset_deepspeed_state
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    comm = sys.modules.get("deepspeed.comm.comm")
-    if comm is not None:
-        comm.cdb = None
+    reset_deepspeed_state()
 
 
 def write_glue_fixture(root, n_train=40, n_dev=12, seed=0):

@@ -28,8 +28,10 @@ def one_rank():
     deepspeed.init_distributed(dist_backend="gloo")
     yield deepspeed
     # Leave no process group behind: later tests fork 2-rank jobs, which a live group in this process forbids.
+    from ad2_ds.testing import reset_deepspeed_state
+
     torch.distributed.destroy_process_group()
-    sys.modules["deepspeed.comm.comm"].cdb = None
+    reset_deepspeed_state()
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)
