@@ -54,11 +54,18 @@ class EmbeddingTap:
         self.delta: Optional[torch.Tensor] = None
         self.capture = False
         self.captured: Optional[torch.Tensor] = None
+        self.measure = False  # record in ``applied`` the per-example norm of what δ really changed
+        self.applied: Optional[torch.Tensor] = None
         self._handle = module.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
         if self.delta is not None:
-            output = output + self.delta.to(output.dtype)
+            perturbed = output + self.delta.to(output.dtype)
+            if self.measure:
+                # In bf16/fp16 (and for tiny ε even in fp32) x + δ rounds back to x: measure what survived.
+                with torch.no_grad():
+                    self.applied = (perturbed.float() - output.float()).flatten(1).norm(dim=1)
+            output = perturbed
         if self.capture:
             if not output.requires_grad:
                 output = output.detach().requires_grad_(True)

@@ -18,6 +18,8 @@ Under ZeRO-3 the first gradient needs its own forward (see ``zero3_partitioned``
 """
 from typing import Dict, List, Mapping, Optional
 
+import logging
+
 import torch
 from torch import nn
 
@@ -28,6 +30,7 @@ from .modeling import EmbeddingTap, accepted_inputs, find_embedding_module, mode
 from .perturb import per_example_norm, pga_perturbation
 from .teachers.base import TEACHER_PREFIX, TeacherOutput
 
+logger = logging.getLogger(__name__)
 _FP16_ASCENT_SCALE = 1024.0  # keeps fp16 input gradients from underflowing; the step is normalised anyway
 
 
@@ -51,6 +54,7 @@ class AD2Objective(nn.Module):
         self._hidden_s = inner.config.hidden_size
         self._n_labels_s = inner.config.num_labels
         self.last_delta: Optional[torch.Tensor] = None
+        self._warned = False
         if self.config.needs_attentions:
             _ensure_eager_attention(inner)
 
@@ -210,20 +214,37 @@ class AD2Objective(nn.Module):
         if cfg.adversarial:
             delta = self.perturbation(batch, t, inputs=inputs, clean_logits=out_s.logits, clean_emb=emb)
             deep_adv = bool(self.matches) and cfg.adversarial_deep_kd and (cfg.w_hidden > 0 or need_a)
-            self._tap.delta = delta
+            self._tap.delta, self._tap.measure = delta, True
             try:
                 out_adv = self._run(inputs, deep_adv and cfg.w_hidden > 0, deep_adv and need_a)
             finally:
-                self._tap.delta = None
+                self._tap.delta, self._tap.measure = None, False
             losses["ada"] = self._adversarial_loss(out_adv.logits, t, labels)
             total = total + cfg.alpha * losses["ada"]
             if deep_adv:
                 total = total + self._add_deep(losses, self._deep_terms(out_adv, t, mask, True), cfg.alpha)
-            losses["delta_norm_max"] = per_example_norm(delta).max()
+            norms = per_example_norm(delta)
+            losses["delta_norm_max"] = norms.max()
+            # share of δ's norm that survived rounding into the embedding dtype: ~0 means the adversarial
+            # sample is the clean one (e.g. ε=1e-5 in bf16) and ε should grow
+            applied = self._tap.applied
+            losses["delta_applied"] = (applied.sum() / norms.sum().clamp_min(1e-30)).clamp(max=1.0)
+            self._warn_if_vanished(losses["delta_applied"], out_adv.logits.dtype)
 
         out = {k: v.detach() for k, v in losses.items()}
         out["loss"] = total
         return out
+
+    def _warn_if_vanished(self, applied: torch.Tensor, dtype) -> None:
+        if self._warned or self.config.epsilon == 0:
+            return
+        ratio = float(applied)
+        if ratio < 0.5:
+            self._warned = True
+            logger.warning(
+                "AD2: only %.0f%% of the perturbation (epsilon=%g) survives being added to the %s embedding output; "
+                "the adversarial sample is nearly the clean one. Raise --epsilon (e.g. >= 1e-2 in bf16/fp16) or "
+                "train in fp32.", 100 * ratio, self.config.epsilon, dtype)
 
     def _add_deep(self, losses, terms: Dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         """Store per-layer terms and their weighted sums per feature (``hidden``, ``ada_attention``, ``pkd``, ...)."""

@@ -241,3 +241,16 @@ def test_layer_map_strategies():
     assert layer_pairs("1:1,2:6", 2, 6) == [(1, 1), (2, 6)]
     with pytest.raises(ValueError, match="teacher layer 9"):
         AD2Objective(tiny_bert(layers=2), AD2Config(method="ad2", layer_map="1:1,2:9"), tiny_bert(layers=4).config)
+
+
+def test_delta_applied_reports_rounding_in_low_precision(setup, caplog):
+    teacher, _, batch, t = setup
+    student = tiny_bert(seed=2, layers=2)
+    fp32 = AD2Objective(student, AD2Config(method="ad2-dkd", epsilon=0.1), teacher.config)(batch, t)
+    assert fp32["delta_applied"] > 0.99
+    student_bf16 = tiny_bert(seed=2, layers=2).to(torch.bfloat16)
+    t16 = TeacherOutput(t.logits.to(torch.bfloat16))
+    with caplog.at_level("WARNING"):
+        tiny = AD2Objective(student_bf16, AD2Config(method="ad2-dkd", epsilon=1e-5))(batch, t16)
+    assert tiny["delta_applied"] < 0.05  # 1e-5 spread over B x T x H vanishes in bf16
+    assert "survives" in caplog.text
