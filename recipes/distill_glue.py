@@ -81,7 +81,11 @@ def check_cheap(args):
         raise UsageError("--deepspeed and --deepspeed_config name different files: pass one")
     if not args.ds_config_path:
         raise UsageError("no DeepSpeed config: pass --deepspeed ds_configs/zero2.json")
+    from ad2_ds.dsconfig import load_ds_config
+
     task = get_task(args.task)
+    # WORLD_SIZE is set by every launcher before the script starts; plain python is one rank.
+    args.ds_config = load_ds_config(args.ds_config_path, int(os.environ.get("WORLD_SIZE", "1")))
     if args.data_dir and not os.path.isdir(args.data_dir):
         raise UsageError(f"--data_dir {args.data_dir} is not a directory: point it at the GLUE data folder")
     overrides = {k: getattr(args, k) for k in ("alpha", "w_ce", "w_kd", "w_hidden", "w_attention", "w_pkd")
@@ -128,13 +132,12 @@ def run(args, task, cfg) -> int:
     import torch
 
     from ad2_ds.dist import init_distributed
-    from ad2_ds.dsconfig import load_ds_config
 
     init_distributed()
     import torch.distributed as dist
 
     world_size = dist.get_world_size()
-    ds_config = load_ds_config(args.ds_config_path, world_size)
+    ds_config = args.ds_config
     if args.teacher_dtype == "fp16" and not torch.cuda.is_available():
         raise UsageError("--teacher_dtype fp16 needs a GPU; on CPU use --teacher_dtype bf16")
     if world_size % args.teacher_tp_size:
@@ -255,7 +258,7 @@ def distill(args, task, cfg, ds_config, teacher_path) -> int:
     state = train(engine, teacher, train_ds, dev_sets, collator, task, tcfg, on_best=save_best, resume=args.resume)
 
     results = {
-        "task": task.name, "method": cfg.method, "config": cfg.to_dict(), "args": vars(args), "ds_config": ds_config,
+        "task": task.name, "method": cfg.method, "config": cfg.to_dict(), "args": {k: v for k, v in vars(args).items() if k != "ds_config"}, "ds_config": ds_config,
         "world_size": world_size, "teacher": teacher_path, "student_init": args.student or args.student_layers,
         "history": state.history, "best": {"step": state.best_step, **state.best_scores},
         "train_seconds": state.train_seconds, "samples_per_second": state.samples / max(state.train_seconds, 1e-9),

@@ -46,7 +46,8 @@ def ensure_default_teacher(args, task) -> str:
 
     target = default_teacher_dir(args, task)
     if os.path.isfile(os.path.join(target, "config.json")):
-        print(f"teacher: reusing {target}", flush=True)
+        if dist.get_rank() == 0:
+            print(f"teacher: reusing {target}", flush=True)
         return target
     run_dir = target + ".run"
     if dist.get_rank() == 0:
