@@ -14,17 +14,26 @@ Presets (every term weight left as ``None`` takes the preset's value):
 | ad2-dkd    | 1  | 1  | 1       | 0                            | 0   | yes     |
 | ad2-kd     | 1  | 0  | 1       | 0                            | 0   | no: δ maximises CE on labels |
 """
+
 import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
 PRESETS = {
-    "finetune": dict(w_ce=1.0, w_kd=0.0, alpha=0.0, w_hidden=0.0, w_attention=0.0, w_pkd=0.0, adversarial_target="teacher"),
+    "finetune": dict(
+        w_ce=1.0, w_kd=0.0, alpha=0.0, w_hidden=0.0, w_attention=0.0, w_pkd=0.0, adversarial_target="teacher"
+    ),
     "kd": dict(w_ce=1.0, w_kd=1.0, alpha=0.0, w_hidden=0.0, w_attention=0.0, w_pkd=0.0, adversarial_target="teacher"),
-    "pkd": dict(w_ce=1.0, w_kd=1.0, alpha=0.0, w_hidden=0.0, w_attention=0.0, w_pkd=100.0, adversarial_target="teacher"),
+    "pkd": dict(
+        w_ce=1.0, w_kd=1.0, alpha=0.0, w_hidden=0.0, w_attention=0.0, w_pkd=100.0, adversarial_target="teacher"
+    ),
     "ad2": dict(w_ce=1.0, w_kd=1.0, alpha=1.0, w_hidden=1.0, w_attention=1.0, w_pkd=0.0, adversarial_target="teacher"),
-    "ad2-dkd": dict(w_ce=1.0, w_kd=1.0, alpha=1.0, w_hidden=0.0, w_attention=0.0, w_pkd=0.0, adversarial_target="teacher"),
-    "ad2-kd": dict(w_ce=1.0, w_kd=0.0, alpha=1.0, w_hidden=0.0, w_attention=0.0, w_pkd=0.0, adversarial_target="labels"),
+    "ad2-dkd": dict(
+        w_ce=1.0, w_kd=1.0, alpha=1.0, w_hidden=0.0, w_attention=0.0, w_pkd=0.0, adversarial_target="teacher"
+    ),
+    "ad2-kd": dict(
+        w_ce=1.0, w_kd=0.0, alpha=1.0, w_hidden=0.0, w_attention=0.0, w_pkd=0.0, adversarial_target="labels"
+    ),
 }
 METHODS = tuple(PRESETS)
 LAYER_MAPS = ("uniform", "skip", "bottom", "top")
@@ -77,10 +86,22 @@ class AD2Config:
             (self.epsilon >= 0, f"epsilon must be >= 0, got {self.epsilon}"),
             (self.step_size > 0, f"step_size must be > 0, got {self.step_size}"),
             (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
-            (isinstance(self.pga_steps, int) and self.pga_steps >= 1, f"pga_steps must be an int >= 1, got {self.pga_steps}"),
-            (self.adversarial_target in ("teacher", "labels"), f"adversarial_target must be 'teacher' or 'labels', got {self.adversarial_target!r}"),
-            (self.attention_loss in ATTENTION_LOSSES, f"attention_loss must be one of {ATTENTION_LOSSES}, got {self.attention_loss!r}"),
-            (self.head_mismatch in HEAD_MISMATCH, f"head_mismatch must be one of {HEAD_MISMATCH}, got {self.head_mismatch!r}"),
+            (
+                isinstance(self.pga_steps, int) and self.pga_steps >= 1,
+                f"pga_steps must be an int >= 1, got {self.pga_steps}",
+            ),
+            (
+                self.adversarial_target in ("teacher", "labels"),
+                f"adversarial_target must be 'teacher' or 'labels', got {self.adversarial_target!r}",
+            ),
+            (
+                self.attention_loss in ATTENTION_LOSSES,
+                f"attention_loss must be one of {ATTENTION_LOSSES}, got {self.attention_loss!r}",
+            ),
+            (
+                self.head_mismatch in HEAD_MISMATCH,
+                f"head_mismatch must be one of {HEAD_MISMATCH}, got {self.head_mismatch!r}",
+            ),
         ]
         for name in ("alpha", "w_ce", "w_kd", "w_hidden", "w_attention", "w_pkd"):
             value = getattr(self, name)

@@ -7,6 +7,7 @@ The JSON alone owns batch size, accumulation, precision, optimizer, scheduler, c
 reads them back from the engine. The only values resolved here are the scheduler's step counts, given as "auto"
 in the shipped configs because they depend on the data size and epochs (raw DeepSpeed resolves no "auto").
 """
+
 import copy
 import json
 import os
@@ -36,16 +37,23 @@ def check_ds_config(cfg: dict, name: str, world_size: int, on_gpu: bool) -> None
     fp16 = cfg.get("fp16", {}).get("enabled", False)
     bf16 = cfg.get("bf16", {}).get("enabled", False) or cfg.get("bfloat16", {}).get("enabled", False)
     if fp16 and not on_gpu:
-        raise ValueError(f"{name} enables fp16, which this machine's CPU cannot run: use bf16 (ds_configs/zero2_bf16.json)")
+        raise ValueError(
+            f"{name} enables fp16, which this machine's CPU cannot run: use bf16 (ds_configs/zero2_bf16.json)"
+        )
     if fp16 and bf16:
         raise ValueError(f"{name} enables both fp16 and bf16: pick one")
     micro = cfg.get("train_micro_batch_size_per_gpu")
     gas = cfg.get("gradient_accumulation_steps", 1)
     total = cfg.get("train_batch_size")
-    for key, value in (("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", gas),
-                       ("train_batch_size", total)):
+    for key, value in (
+        ("train_micro_batch_size_per_gpu", micro),
+        ("gradient_accumulation_steps", gas),
+        ("train_batch_size", total),
+    ):
         if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name}: {key} must be a positive integer, got {value!r} (raw DeepSpeed resolves no 'auto')")
+            raise ValueError(
+                f"{name}: {key} must be a positive integer, got {value!r} (raw DeepSpeed resolves no 'auto')"
+            )
     if micro is None and total is None:
         raise ValueError(f"{name} sets neither train_micro_batch_size_per_gpu nor train_batch_size")
     if micro is not None and total is not None and total != micro * gas * world_size:
@@ -59,7 +67,7 @@ def check_ds_config(cfg: dict, name: str, world_size: int, on_gpu: bool) -> None
 
 
 def resolve_scheduler_steps(cfg: dict, total_optimizer_steps: int, warmup_fraction: float = 0.06) -> dict:
-    """A copy with the scheduler's "auto" step counts set for this run (warm-up: 6% of the steps, as in BERT fine-tuning)."""
+    """A copy with the scheduler's "auto" step counts set for this run (warm-up: 6% of the steps, as BERT's)."""
     cfg = copy.deepcopy(cfg)
     params = cfg.get("scheduler", {}).get("params", {})
     if params.get("total_num_steps") == "auto":

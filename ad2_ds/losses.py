@@ -6,6 +6,7 @@
 Every function computes in fp32 whatever the input dtype (bf16/fp16 logits and cached fp16 teacher outputs are common),
 so the loss and its gradient do not lose the small differences distillation is about.
 """
+
 import torch
 import torch.nn.functional as F
 

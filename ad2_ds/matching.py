@@ -5,6 +5,7 @@
 Layers are 1-based transformer layers; hidden-state index 0 is the embedding output. Attention layer i is
 ``attentions[i - 1]`` in a Hugging Face output.
 """
+
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 

@@ -12,6 +12,7 @@ For a task with several dev splits (MNLI matched / mismatched) call ``compute_me
 prefixes keys with the split name (``"dev_matched/accuracy"``), and the first of ``spec.dev_splits`` drives model
 selection. scikit-learn and scipy compute the numbers: ``evaluate``'s GLUE metric needs a hub download.
 """
+
 from typing import Dict, Mapping, Optional
 
 import numpy as np

@@ -5,6 +5,7 @@ MPNet, ELECTRA, ...).
     with EmbeddingTap(emb) as tap: ...            # capture its output, or add δ to it
     student = student_from_teacher(teacher, 3, "bottom")
 """
+
 import copy
 import inspect
 from typing import Dict, Mapping, Optional
@@ -192,8 +193,10 @@ def save_pretrained_atomic(model: nn.Module, tokenizer, path: str, extra: Option
         if rank == 0:
             tmp, old = path + ".tmp", path + ".old"
             shutil.rmtree(tmp, ignore_errors=True)
-            state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
-                     for k, v in model.state_dict().items()}
+            state = {
+                k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
+                for k, v in model.state_dict().items()
+            }
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)

@@ -16,9 +16,9 @@ each further PGA step (K > 1, or a random start) one forward + input-only backwa
 the caller's backward through clean and adversarial graphs 4. AD2 with K=1: ≈ 7 units against KD's 3.
 Under ZeRO-3 the first gradient needs its own forward (see ``zero3_partitioned``): ≈ 8 units.
 """
-from typing import Dict, List, Mapping, Optional
 
 import logging
+from typing import Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -111,9 +111,7 @@ class AD2Objective(nn.Module):
         if t is None:
             raise ValueError(f"method {cfg.method!r} needs teacher outputs; got teacher_output=None")
         if t.logits.shape[-1] != self._n_labels_s:
-            raise ValueError(
-                f"teacher logits have {t.logits.shape[-1]} labels but the student has {self._n_labels_s}"
-            )
+            raise ValueError(f"teacher logits have {t.logits.shape[-1]} labels but the student has {self._n_labels_s}")
         deep = cfg.deep_kd or cfg.w_pkd > 0
         if deep and TEACHER_PREFIX + "input_ids" in batch:
             raise ValueError(
@@ -244,7 +242,11 @@ class AD2Objective(nn.Module):
             logger.warning(
                 "AD2: only %.0f%% of the perturbation (epsilon=%g) survives being added to the %s embedding output; "
                 "the adversarial sample is nearly the clean one. Raise --epsilon (e.g. >= 1e-2 in bf16/fp16) or "
-                "train in fp32.", 100 * ratio, self.config.epsilon, dtype)
+                "train in fp32.",
+                100 * ratio,
+                self.config.epsilon,
+                dtype,
+            )
 
     def _add_deep(self, losses, terms: Dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         """Store per-layer terms and their weighted sums per feature (``hidden``, ``ada_attention``, ``pkd``, ...)."""
@@ -294,8 +296,15 @@ class AD2Objective(nn.Module):
         else:
             shape = self._embedding_shape(inputs)
         delta = pga_perturbation(
-            loss_fn, shape, mask, cfg.epsilon, cfg.step_size, cfg.pga_steps,
-            init_grad=init_grad, random_init=cfg.random_start, loss_scale=scale,
+            loss_fn,
+            shape,
+            mask,
+            cfg.epsilon,
+            cfg.step_size,
+            cfg.pga_steps,
+            init_grad=init_grad,
+            random_init=cfg.random_start,
+            loss_scale=scale,
         )
         self.last_delta = delta
         return delta

@@ -8,6 +8,7 @@ is written and no optimizer/loss-scaler state is touched. δ is kept in fp32 and
 
 Norms are per example, over all non-padding positions and the hidden dimension: ‖δ_b‖₂ ≤ ε, δ = 0 on padding.
 """
+
 from typing import Callable, Optional
 
 import torch

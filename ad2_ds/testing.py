@@ -47,7 +47,6 @@ def reset_deepspeed_state() -> None:
         groups.mpu = None
 
 
-
 def _worker(fn, rank, world_size, port, args, kwargs, conn) -> None:
     os.environ.update(
         RANK=str(rank),

@@ -11,6 +11,7 @@ split across ranks, so 1 rank x 2B and 2 ranks x B see the same global batches, 
 micro-batches it already consumed. Checkpoints are taken at optimizer-step boundaries with the RNG states, so a
 resumed run continues bit for bit.
 """
+
 import dataclasses
 import json
 import logging
@@ -76,16 +77,22 @@ def world() -> tuple:
 
 
 def epoch_batches(
-    n: int, micro_bs: int, seed: int, epoch: int, rank: int, world_size: int,
-    lengths: Optional[Sequence[int]] = None, grad_accum: int = 1,
+    n: int,
+    micro_bs: int,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    lengths: Optional[Sequence[int]] = None,
+    grad_accum: int = 1,
 ) -> List[List[int]]:
     """This rank's micro-batches (dataset positions) for one epoch.
 
     The epoch's order is a seeded permutation (or, with ``lengths``, a length-grouped order: batches of similar
     length, in random batch order) wrapped around to fill the last global batch, so every rank runs the same number of
     micro-batches, and a multiple of ``grad_accum`` of them (an epoch ends on an optimizer step, so a checkpoint taken
-    there holds no half-accumulated gradient). Global batch g is positions ``[g*G, (g+1)*G)`` of that order (G = micro_bs * world_size); rank r
-    takes its r-th slice.
+    there holds no half-accumulated gradient). Global batch g is positions ``[g*G, (g+1)*G)`` of that order
+    (G = micro_bs * world_size); rank r takes its r-th slice.
     """
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
     global_bs = micro_bs * world_size
@@ -94,9 +101,9 @@ def epoch_batches(
     else:
         order = _length_grouped(lengths, global_bs, g)
     n_global = math.ceil(n / (global_bs * grad_accum)) * grad_accum
-    order = (order * math.ceil(n_global * global_bs / n))[: n_global * global_bs] if n_global * global_bs > 2 * n else order
-    order = order + order[: n_global * global_bs - n]
-    return [order[b * global_bs + rank * micro_bs: b * global_bs + (rank + 1) * micro_bs] for b in range(n_global)]
+    need = n_global * global_bs
+    order = (order * math.ceil(need / n))[:need]  # wrap around to fill the last global batches
+    return [order[b * global_bs + rank * micro_bs : b * global_bs + (rank + 1) * micro_bs] for b in range(n_global)]
 
 
 def _length_grouped(lengths: Sequence[int], global_bs: int, g: torch.Generator, mega: int = 32) -> List[int]:
@@ -106,8 +113,8 @@ def _length_grouped(lengths: Sequence[int], global_bs: int, g: torch.Generator, 
     chunk = global_bs * mega
     batches = []
     for start in range(0, len(perm), chunk):
-        part = sorted(perm[start:start + chunk], key=lambda i: -lengths[i])
-        batches += [part[i:i + global_bs] for i in range(0, len(part), global_bs)]
+        part = sorted(perm[start : start + chunk], key=lambda i: -lengths[i])
+        batches += [part[i : i + global_bs] for i in range(0, len(part), global_bs)]
     tail = batches.pop() if len(batches) > 1 and len(batches[-1]) < global_bs else None
     batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
     return [i for b in batches + ([tail] if tail else []) for i in b]
@@ -154,10 +161,13 @@ def predict(model, dataset, collator, batch_size: int, device=None) -> np.ndarra
     model.eval()
     positions, outputs = [], []
     for b in range(n_batches):
-        ids = shard[b * batch_size:(b + 1) * batch_size]
+        ids = shard[b * batch_size : (b + 1) * batch_size]
         batch = collator([dataset[i] for i in (ids or [0])])
-        inputs = {k: v.to(device) if device else v for k, v in batch.items()
-                  if k in ("input_ids", "attention_mask", "token_type_ids")}
+        inputs = {
+            k: v.to(device) if device else v
+            for k, v in batch.items()
+            if k in ("input_ids", "attention_mask", "token_type_ids")
+        }
         logits = _call_student(model, inputs).float().cpu()
         if ids:
             positions += ids
@@ -238,13 +248,15 @@ def train(
         _log_scalars(engine, {f"eval/{k}": v for k, v in scores.items()})
         return record
 
-    bar = _progress(cfg, rank, total=cfg.num_train_epochs * n_micro, initial=state.epoch * n_micro + state.micro_step_in_epoch)
+    bar = _progress(
+        cfg, rank, total=cfg.num_train_epochs * n_micro, initial=state.epoch * n_micro + state.micro_step_in_epoch
+    )
     t_start = time.perf_counter() - state.train_seconds
     kill_after = int(os.environ.get(KILL_ENV, "0"))
     steps_this_run = 0
     while state.epoch < cfg.num_train_epochs:
         batches = epoch_batches(len(train_ds), micro_bs, cfg.seed, state.epoch, rank, world_size, lengths, gas)
-        todo = batches[state.micro_step_in_epoch:]
+        todo = batches[state.micro_step_in_epoch :]
         for batch, t_out, waited in _batches(todo, train_ds, collator, teacher, device, cfg.stream_teacher):
             state.teacher_wait_seconds += waited
             losses = engine(batch, t_out)
@@ -263,8 +275,10 @@ def train(
                 bar.update(1)
                 if state.micro_step_in_epoch % cfg.log_steps == 0:
                     elapsed = time.perf_counter() - t_start
-                    bar.set_postfix({k: f"{v.item():.4f}" for k, v in losses.items() if "/" not in k} |
-                                    {"samples/s": f"{state.samples / max(elapsed, 1e-9):.1f}"})
+                    bar.set_postfix(
+                        {k: f"{v.item():.4f}" for k, v in losses.items() if "/" not in k}
+                        | {"samples/s": f"{state.samples / max(elapsed, 1e-9):.1f}"}
+                    )
             if boundary:
                 _log_scalars(engine, {f"train/{k}": v.item() for k, v in losses.items() if "/" not in k})
                 if cfg.eval_steps and state.global_step % cfg.eval_steps == 0:
@@ -341,6 +355,11 @@ def load_state(engine, ckpt_dir: str) -> TrainState:
         raise ValueError(f"--resume: the checkpoint under {ckpt_dir} could not be loaded")
     state = TrainState(**json.loads(client["ad2_state"]))
     _set_rng_state(state.rng)
-    logger.info("resumed from %s: epoch %d, micro-step %d, global step %d", path, state.epoch,
-                state.micro_step_in_epoch, state.global_step)
+    logger.info(
+        "resumed from %s: epoch %d, micro-step %d, global step %d",
+        path,
+        state.epoch,
+        state.micro_step_in_epoch,
+        state.global_step,
+    )
     return state

@@ -1,4 +1,5 @@
 """Small I/O helpers: ``write_json_atomic(path, obj)`` (temp file + rename, so a kill never leaves half a file)."""
+
 import json
 import os
 import tempfile

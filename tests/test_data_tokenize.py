@@ -1,8 +1,8 @@
 """Tokenization for student and teacher, dynamic-padding collation, length-grouped sampling."""
+
 import datasets
 import pytest
 import torch
-from conftest import SPECIAL, WORDS
 from torch.utils.data import DataLoader
 
 from ad2_ds.data.glue import (
@@ -14,6 +14,8 @@ from ad2_ds.data.glue import (
     tokenize_dataset,
 )
 from ad2_ds.data.tasks import get_task
+
+from conftest import SPECIAL, WORDS
 
 LETTERS = [chr(ord("a") + i) for i in range(26)]
 PAIRS = [
@@ -42,8 +44,12 @@ def teacher_tokenizer(tmp_path):
 def pair_dataset(labels=None):
     spec = get_task("rte") if labels is None else get_task("stsb")
     labels = labels or [i % 2 for i in range(len(PAIRS))]
-    cols = {"text_a": [a for a, _ in PAIRS], "text_b": [b for _, b in PAIRS], "label": labels,
-            "idx": [100 + i for i in range(len(PAIRS))]}
+    cols = {
+        "text_a": [a for a, _ in PAIRS],
+        "text_b": [b for _, b in PAIRS],
+        "label": labels,
+        "idx": [100 + i for i in range(len(PAIRS))],
+    }
     return datasets.DatasetDict({"train": datasets.Dataset.from_dict(cols, features=task_features(spec))})
 
 
@@ -138,7 +144,7 @@ def test_length_grouped_indices():
     assert order == length_grouped_indices(lengths, batch_size=4, seed=3, mega_batch_mult=5)
     assert order != length_grouped_indices(lengths, batch_size=4, seed=4, mega_batch_mult=5)
     for start in range(0, 100, 20):  # each mega-batch of 4 * 5 is sorted longest first
-        chunk = [lengths[i] for i in order[start:start + 20]]
+        chunk = [lengths[i] for i in order[start : start + 20]]
         assert chunk == sorted(chunk, reverse=True)
     sampler = LengthGroupedSampler(lengths, batch_size=4, seed=3, mega_batch_mult=5)
     assert list(sampler) == order and len(sampler) == 100
@@ -148,5 +154,9 @@ def test_length_grouped_indices():
 
 def test_vocab_fixture_sanity(tiny_tokenizer):
     # the tiny vocab really tokenizes words (transformers 5 trap: vocab_file= silently gives [UNK] everywhere)
-    assert tiny_tokenizer("the movie")["input_ids"] == [2, len(SPECIAL) + WORDS.index("the"),
-                                                         len(SPECIAL) + WORDS.index("movie"), 3]
+    assert tiny_tokenizer("the movie")["input_ids"] == [
+        2,
+        len(SPECIAL) + WORDS.index("the"),
+        len(SPECIAL) + WORDS.index("movie"),
+        3,
+    ]

@@ -1,4 +1,5 @@
 """The public API inside a hand-written deepspeed.initialize loop on one CPU rank (what users embed)."""
+
 import os
 import socket
 import sys
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from ad2_ds import AD2Config, AD2Objective, TeacherOutput
+
 from conftest import random_batch, tiny_bert
 
 
@@ -59,8 +61,11 @@ def test_public_api_in_a_deepspeed_loop(one_rank, stage):
     for step in range(8):
         batch = random_batch(batch_size=4, seq_len=8, seed=step % 2)
         with torch.no_grad():
-            o = teacher(**{k: batch[k] for k in ("input_ids", "attention_mask")}, output_hidden_states=True,
-                        output_attentions=True)
+            o = teacher(
+                **{k: batch[k] for k in ("input_ids", "attention_mask")},
+                output_hidden_states=True,
+                output_attentions=True,
+            )
         losses = engine(batch, TeacherOutput(o.logits * 10, o.hidden_states, o.attentions))
         engine.backward(losses["loss"])
         engine.step()
@@ -76,8 +81,12 @@ def _train(deepspeed, wrap_objective, stage, steps=4):
     """SGD, dropout off, accumulation 2: wrapping the objective or only the student must give the same weights."""
     teacher, student = tiny_bert(seed=1), tiny_bert(seed=2)
     cfg = AD2Config(method="ad2-dkd", epsilon=0.1, step_size=0.1)
-    ds_config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
-                 "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 2,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+    }
     opt = torch.optim.SGD(student.parameters(), lr=0.5)
     if wrap_objective:
         engine, *_ = deepspeed.initialize(model=AD2Objective(student, cfg), optimizer=opt, config=ds_config)

@@ -1,9 +1,11 @@
 """The student under DeepSpeed on 2 gloo ranks: ZeRO-2 partitions optimizer state; 2 ranks x B == 1 rank x 2B."""
+
 import pytest
 import torch
 
 from ad2_ds.testing import launch
 from ad2_ds.trainer import epoch_batches
+
 from conftest import random_batch, tiny_bert
 
 
@@ -14,10 +16,14 @@ def _engine(stage, micro_bs):
 
     student = tiny_bert(seed=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).train()
     objective = AD2Objective(student, AD2Config(method="ad2-dkd", epsilon=0.1, step_size=0.1))
-    cfg = {"train_micro_batch_size_per_gpu": micro_bs, "zero_optimization": {"stage": stage},
-           "zero_allow_untested_optimizer": True}
-    engine, *_ = deepspeed.initialize(model=objective, optimizer=torch.optim.SGD(objective.parameters(), lr=0.5),
-                                      config=cfg)
+    cfg = {
+        "train_micro_batch_size_per_gpu": micro_bs,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+    }
+    engine, *_ = deepspeed.initialize(
+        model=objective, optimizer=torch.optim.SGD(objective.parameters(), lr=0.5), config=cfg
+    )
     return engine
 
 
@@ -29,7 +35,7 @@ def _first_step(rank, world_size, stage, global_bs):
     micro = global_bs // world_size
     engine = _engine(stage, micro)
     full = random_batch(batch_size=global_bs, seq_len=8, seed=7)
-    mine = {k: v[rank * micro:(rank + 1) * micro] for k, v in full.items()}
+    mine = {k: v[rank * micro : (rank + 1) * micro] for k, v in full.items()}
     teacher = tiny_bert(seed=1)
     with torch.no_grad():
         t = TeacherOutput(teacher(input_ids=mine["input_ids"], attention_mask=mine["attention_mask"]).logits * 10)

@@ -1,4 +1,5 @@
 """Loss values against numbers computed by hand (the arithmetic is in the comments)."""
+
 import math
 
 import pytest

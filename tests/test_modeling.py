@@ -1,4 +1,5 @@
 """Embedding discovery and layer selection across encoder families (tiny random models)."""
+
 import pytest
 import torch
 from transformers import (
@@ -11,6 +12,7 @@ from transformers import (
 
 from ad2_ds import AD2Config, AD2Objective, TeacherOutput
 from ad2_ds.modeling import find_embedding_module, find_layer_list, select_layers, student_from_teacher
+
 from conftest import random_batch, tiny_bert
 
 SMALL = dict(vocab_size=80, max_position_embeddings=40, num_labels=2)
@@ -18,13 +20,21 @@ SMALL = dict(vocab_size=80, max_position_embeddings=40, num_labels=2)
 
 def _configs():
     return {
-        "roberta": RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                                 pad_token_id=1, **SMALL),
+        "roberta": RobertaConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, pad_token_id=1, **SMALL
+        ),
         "distilbert": DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, **SMALL),
-        "mpnet": MPNetConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                             **SMALL),
-        "electra": ElectraConfig(embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=64, **SMALL),
+        "mpnet": MPNetConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, **SMALL
+        ),
+        "electra": ElectraConfig(
+            embedding_size=16,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            **SMALL,
+        ),
     }
 
 
@@ -49,9 +59,7 @@ def test_ad2_runs_on_encoder_family(family):
         assert obj.last_delta.shape == (*batch["input_ids"].shape, emb_dim)
 
 
-@pytest.mark.parametrize(
-    "strategy, expected", [("bottom", [0, 1, 2]), ("top", [3, 4, 5]), ("skip", [1, 3, 5])]
-)
+@pytest.mark.parametrize("strategy, expected", [("bottom", [0, 1, 2]), ("top", [3, 4, 5]), ("skip", [1, 3, 5])])
 def test_student_from_teacher_selects_layers(strategy, expected):
     assert select_layers(6, 3, strategy) == expected
     teacher = tiny_bert(layers=6)

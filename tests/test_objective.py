@@ -1,21 +1,26 @@
 """The AD2 objective on tiny random BERTs: terms, δ, fast path, gradients, presets, errors."""
+
 import copy
 
 import pytest
 import torch
 
 from ad2_ds import AD2Config, AD2Objective, TeacherOutput
-from ad2_ds.losses import hard_loss, kd_loss
+from ad2_ds.losses import kd_loss
 from ad2_ds.modeling import EmbeddingTap, find_embedding_module
 from ad2_ds.perturb import per_example_norm
+
 from conftest import random_batch, tiny_bert
 
 
 def teacher_out(model, batch, scale=1.0):
     with torch.no_grad():
         o = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-            token_type_ids=batch["token_type_ids"], output_hidden_states=True, output_attentions=True,
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            token_type_ids=batch["token_type_ids"],
+            output_hidden_states=True,
+            output_attentions=True,
         )
     return TeacherOutput(o.logits * scale, o.hidden_states, o.attentions)
 
@@ -110,9 +115,16 @@ def test_perturbation_leaves_student_grads_untouched(setup):
     clean = ref(batch, t)["loss"]
     with EmbeddingTap(find_embedding_module(student)) as tap:
         tap.delta = delta
-        out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      token_type_ids=batch["token_type_ids"], output_hidden_states=True, output_attentions=True)
-    adv = kd_loss(out.logits, t.logits) + ref._add_deep({}, ref._deep_terms(out, t, batch["attention_mask"], True), 1.0)
+        out = student(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            token_type_ids=batch["token_type_ids"],
+            output_hidden_states=True,
+            output_attentions=True,
+        )
+    adv = kd_loss(out.logits, t.logits) + ref._add_deep(
+        {}, ref._deep_terms(out, t, batch["attention_mask"], True), 1.0
+    )
     (clean + adv).backward()
     for n, p in student.named_parameters():
         if n in grads:
@@ -125,8 +137,22 @@ def test_perturbation_leaves_student_grads_untouched(setup):
         ("finetune", {"ce"}, {"kd", "ada", "hidden", "pkd"}),
         ("kd", {"ce", "kd"}, {"ada", "hidden", "attention", "pkd"}),
         ("pkd", {"ce", "kd", "pkd", "cls/1-2"}, {"ada", "hidden"}),
-        ("ad2", {"ce", "kd", "ada", "hidden", "attention", "ada_hidden", "ada_attention", "hidden/2-4",
-                 "attention/1-2", "delta_norm_max"}, {"pkd"}),
+        (
+            "ad2",
+            {
+                "ce",
+                "kd",
+                "ada",
+                "hidden",
+                "attention",
+                "ada_hidden",
+                "ada_attention",
+                "hidden/2-4",
+                "attention/1-2",
+                "delta_norm_max",
+            },
+            {"pkd"},
+        ),
         ("ad2-dkd", {"ce", "kd", "ada", "delta_norm_max"}, {"hidden", "attention"}),
         ("ad2-kd", {"ce", "ada"}, {"kd", "hidden"}),
     ],
@@ -139,8 +165,18 @@ def test_preset_terms(setup, method, keys, absent):
     assert keys <= set(losses) and not (absent & set(losses))
     assert torch.isfinite(losses["loss"])
     expected = sum(
-        w * losses[k] for k, w in (("ce", 1.0), ("kd", 1.0), ("ada", 1.0), ("hidden", 1.0), ("attention", 1.0),
-                                   ("ada_hidden", 1.0), ("ada_attention", 1.0), ("pkd", 1.0)) if k in losses
+        w * losses[k]
+        for k, w in (
+            ("ce", 1.0),
+            ("kd", 1.0),
+            ("ada", 1.0),
+            ("hidden", 1.0),
+            ("attention", 1.0),
+            ("ada_hidden", 1.0),
+            ("ada_attention", 1.0),
+            ("pkd", 1.0),
+        )
+        if k in losses
     )
     assert losses["loss"].item() == pytest.approx(float(expected), rel=1e-5)
 

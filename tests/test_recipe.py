@@ -1,4 +1,5 @@
 """recipes/distill_glue.py end to end on a tiny GLUE-format fixture and a tiny saved teacher."""
+
 import json
 import os
 import subprocess
@@ -27,14 +28,32 @@ def fixture_dirs(tmp_path, tiny_vocab):
 
 
 def _argv(data, teacher, ds, out, *extra):
-    return ["--deepspeed", str(ds), "--task", "sst2", "--data_dir", str(data), "--teacher", str(teacher),
-            "--student_layers", "bottom:1", "--max_seq_length", "16", "--output_dir", str(out), "--no_progress",
-            "--epsilon", "1e-3", *extra]
+    return [
+        "--deepspeed",
+        str(ds),
+        "--task",
+        "sst2",
+        "--data_dir",
+        str(data),
+        "--teacher",
+        str(teacher),
+        "--student_layers",
+        "bottom:1",
+        "--max_seq_length",
+        "16",
+        "--output_dir",
+        str(out),
+        "--no_progress",
+        "--epsilon",
+        "1e-3",
+        *extra,
+    ]
 
 
 def test_recipe_runs_writes_results_and_a_loadable_student_then_resumes(fixture_dirs, tmp_path, no_dist_left, capsys):
-    import distill_glue
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import distill_glue
 
     data, teacher, ds = fixture_dirs
     out = tmp_path / "run"
@@ -57,8 +76,10 @@ def test_recipe_runs_writes_results_and_a_loadable_student_then_resumes(fixture_
     assert "already holds a run" in capsys.readouterr().err
     assert (out / "results.json").read_bytes() == before
 
-    assert distill_glue.main(_argv(data, teacher, ds, out, "--num_train_epochs", "2", "--eval_steps", "2",
-                                   "--resume")) == 0
+    assert (
+        distill_glue.main(_argv(data, teacher, ds, out, "--num_train_epochs", "2", "--eval_steps", "2", "--resume"))
+        == 0
+    )
     resumed = json.loads((out / "results.json").read_text())
     assert [h["step"] for h in resumed["history"]] == [2, 4, 5, 6, 8, 10]
 
@@ -103,8 +124,10 @@ def test_recipe_under_the_deepspeed_launcher_on_two_ranks(fixture_dirs, tmp_path
     data, teacher, ds = fixture_dirs
     out = tmp_path / "two"
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
-    res = _run(_argv(data, teacher, ds, out, "--num_train_epochs", "1", "--teacher_tp_size", "2",
-                     "--method", "ad2"), launcher=launcher)
+    res = _run(
+        _argv(data, teacher, ds, out, "--num_train_epochs", "1", "--teacher_tp_size", "2", "--method", "ad2"),
+        launcher=launcher,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 2 and results["history"]

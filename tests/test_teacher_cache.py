@@ -5,12 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import random_batch, tiny_bert
 
 from ad2_ds import dist
 from ad2_ds.teachers.cache import CachedTeacher, build_teacher_cache, fingerprint
 from ad2_ds.teachers.local import LocalTeacher
 from ad2_ds.testing import launch
+
+from conftest import random_batch, tiny_bert
 
 MAX_LEN = 12
 

@@ -103,9 +103,9 @@ def test_single_process_env_defaults_and_torchrun_local_size(monkeypatch):
 
 
 def _torch_first(rank, world_size):
-    from conftest import random_batch, tiny_bert
-
     from ad2_ds.teachers.ds_inference import DeepSpeedTeacher
+
+    from conftest import random_batch, tiny_bert
 
     torch.distributed.init_process_group("gloo")  # someone else initialized torch.distributed first
     dist.init_distributed()

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from conftest import random_batch, tiny_bert
 
 from ad2_ds import dist
 from ad2_ds.teachers.local import LocalTeacher
 from ad2_ds.testing import launch
+
+from conftest import random_batch, tiny_bert
 
 
 def test_local_teacher_logits_equal_the_model():

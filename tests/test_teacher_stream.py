@@ -4,12 +4,13 @@ import time
 
 import pytest
 import torch
-from conftest import random_batch, tiny_bert
 
 from ad2_ds import dist
 from ad2_ds.teachers.local import LocalTeacher
 from ad2_ds.teachers.stream import StreamingTeacher
 from ad2_ds.testing import launch
+
+from conftest import random_batch, tiny_bert
 
 
 def _batches(n=6, seed=0):

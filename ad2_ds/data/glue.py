@@ -18,6 +18,7 @@ file, the row and what to do.
 Tokenization does not pad: :class:`DataCollator` pads each batch to its own longest example, and
 :class:`LengthGroupedSampler` puts examples of similar length together so that padding stays small.
 """
+
 import csv
 import logging
 import os
@@ -39,8 +40,12 @@ TEACHER_PREFIX = "teacher_"
 TEXT_COLUMNS = ("text_a", "text_b")
 HF_GLUE = "nyu-mll/glue"
 # our split names → the hub's
-_HF_SPLITS = {"train": "train", "dev": "validation", "dev_matched": "validation_matched",
-              "dev_mismatched": "validation_mismatched"}
+_HF_SPLITS = {
+    "train": "train",
+    "dev": "validation",
+    "dev_matched": "validation_matched",
+    "dev_mismatched": "validation_mismatched",
+}
 
 PathLike = Union[str, os.PathLike]
 
@@ -213,8 +218,10 @@ def _encode(tokenizer, text_a: List[str], text_b: Optional[List[str]], max_lengt
     out = {k: list(enc[k]) for k in keys}
     if long:
         again = tokenizer(
-            [text_a[i] for i in long], None if text_b is None else [text_b[i] for i in long],
-            truncation=True, max_length=max_length,
+            [text_a[i] for i in long],
+            None if text_b is None else [text_b[i] for i in long],
+            truncation=True,
+            max_length=max_length,
         )
         for k in keys:
             for j, i in enumerate(long):
@@ -261,8 +268,14 @@ def tokenize_dataset(
         tokenized[split] = ds.remove_columns([c for c in ("_truncated_s", "_truncated_t") if c in ds.column_names])
         truncated[split] = counts
         if any(counts.values()):
-            logger.warning("%s: %s of %d examples truncated (student max_length %d, teacher %d)",
-                           split, counts, len(ds), max_length, max_length_t)
+            logger.warning(
+                "%s: %s of %d examples truncated (student max_length %d, teacher %d)",
+                split,
+                counts,
+                len(ds),
+                max_length,
+                max_length_t,
+            )
     return datasets.DatasetDict(tokenized), truncated
 
 
@@ -327,7 +340,7 @@ def length_grouped_indices(lengths: Sequence[int], batch_size: int, seed: int, m
     size = max(1, batch_size * mega_batch_mult)
     out: List[int] = []
     for start in range(0, len(order), size):
-        mega = order[start:start + size]
+        mega = order[start : start + size]
         out.extend(mega[np.argsort(-lengths[mega], kind="stable")].tolist())
     return out
 

@@ -28,6 +28,7 @@ has the same label, dropped otherwise), then an example is in dev when the first
 text alone, so it is deterministic, independent of file order, and the same text can never be in both splits.
 Examples keep their order of first appearance in the source file.
 """
+
 import hashlib
 import json
 import os

@@ -5,6 +5,7 @@ same batch dict the student sees. When teacher and student use different tokeniz
 own tokenization under ``teacher_``-prefixed keys (``teacher_input_ids``, ``teacher_attention_mask``, ...);
 :func:`teacher_inputs` picks the right keys.
 """
+
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Sequence
 
