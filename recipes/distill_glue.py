@@ -375,22 +375,30 @@ def build_teacher(args, cfg, teacher_model, teacher_path, tok_t, train_ds, colla
         "teacher": state_dict_hash(teacher_model) if args.teacher_tp_size == 1 else teacher_path,
         "tokenizer": fingerprint(sorted(tok_t.get_vocab().items())),
         "task": args.task,
-        "data": train_ds._fingerprint,
+        "data": getattr(train_ds, "_fingerprint", None) or fingerprint(train_ds["idx"]),
         "max_length": args.max_seq_length,
     }
+    need = hidden_layers if want_hidden else ()
+    if os.path.isfile(os.path.join(args.teacher_cache, "meta.json")):
+        try:
+            return T.CachedTeacher(args.teacher_cache, parts, require_hidden_layers=need)  # reuse: no teacher pass
+        except ValueError as e:  # stale, or built without the layers this run needs: never silently rebuilt
+            msg = f"--teacher_cache {args.teacher_cache}: {e}; pass another directory or delete it"
+            raise UsageError(msg) from None
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    shard = list(range(rank, len(train_ds), world_size))
+    # Equal-length shards (wrapped around; a repeated id is stored once): TP ranks must call the teacher equally often.
+    shard = [i % len(train_ds) for i in range(rank, world_size * -(-len(train_ds) // world_size), world_size)]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_ds, shard), batch_size=64, collate_fn=collator)
     T.build_teacher_cache(
         live,
         loader,
         args.teacher_cache,
         parts,
-        hidden_layers=hidden_layers if want_hidden else None,
+        hidden_layers=list(need) or None,
         dtype=torch.bfloat16 if args.teacher_dtype == "bf16" else torch.float16,
         num_examples=len(shard),
     )
-    return T.CachedTeacher(args.teacher_cache, parts, require_hidden_layers=hidden_layers if want_hidden else ())
+    return T.CachedTeacher(args.teacher_cache, parts, require_hidden_layers=need)
 
 
 def _clear_run(out):

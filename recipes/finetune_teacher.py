@@ -35,8 +35,10 @@ def main(argv=None) -> int:
 def default_teacher_dir(args, task) -> str:
     from ad2_ds.data.assets import cache_root
 
-    key = (f"{task.name}-{DEFAULT_MODEL}-n{args.max_train_samples}-len{args.max_seq_length}"
-           f"-e{args.teacher_epochs}-s{args.seed}")
+    key = (
+        f"{task.name}-{DEFAULT_MODEL}-n{args.max_train_samples}-len{args.max_seq_length}"
+        f"-e{args.teacher_epochs}-s{args.seed}"
+    )
     if args.data_dir:
         key += "-" + os.path.abspath(args.data_dir).strip("/").replace("/", "_")
     return str(cache_root() / "teachers" / key)

@@ -132,3 +132,27 @@ def test_recipe_under_the_deepspeed_launcher_on_two_ranks(fixture_dirs, tmp_path
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 2 and results["history"]
     assert (out / "best" / "model.safetensors").is_file()
+
+
+def test_recipe_with_a_teacher_cache_and_a_given_student(fixture_dirs, tmp_path, tiny_vocab, no_dist_left, capsys):
+    import distill_glue
+    from conftest import save_tiny_teacher
+
+    data, teacher, ds = fixture_dirs
+    student = save_tiny_teacher(tmp_path / "student", tiny_vocab, layers=1)  # any HF checkpoint can be the student
+    cache = tmp_path / "cache"
+    args = ["--num_train_epochs", "1", "--teacher_cache", str(cache), "--w_attention", "0", "--student", str(student)]
+    assert distill_glue.main(_argv(data, teacher, ds, tmp_path / "a", *args)) == 0
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["hidden_layers"] == [0, 2]  # uniform map 1 student layer -> teacher layer 2, plus the embeddings
+    stamp = (cache / "meta.json").stat().st_mtime_ns
+    assert distill_glue.main(_argv(data, teacher, ds, tmp_path / "b", *args)) == 0
+    assert (cache / "meta.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    a = json.loads((tmp_path / "a" / "results.json").read_text())
+    b = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert a["history"] == b["history"]  # same seed, same cached targets: the same run
+    # a cache built for other inputs is refused with one line, and left as it was
+    stale = _argv(data, teacher, ds, tmp_path / "c", *args)
+    stale[stale.index("--max_seq_length") + 1] = "12"
+    assert distill_glue.main(stale) == 2
+    assert "stale cache" in capsys.readouterr().err and (cache / "meta.json").stat().st_mtime_ns == stamp
