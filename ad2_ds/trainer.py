@@ -31,8 +31,70 @@ from .teachers.base import Teacher
 
 logger = logging.getLogger(__name__)
 CKPT_DIR = "checkpoints"
-# Fault injection for the kill-and-resume tests: SIGKILL this process after that many micro-steps of this run.
-KILL_ENV = "AD2_FAULT_KILL_AFTER_MICRO_STEPS"
+# Fault injection for the kill-and-resume tests: "kill@7" / "term@5" sends this process SIGKILL / SIGTERM after that
+# many micro-steps of this run.
+FAULT_ENV = "AD2_FAULT"
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM/SIGINT arrived; a checkpoint was saved at the next optimizer step. ``signum`` says which."""
+
+    def __init__(self, signum: int, checkpoint: str):
+        super().__init__(f"interrupted by signal {signum}: checkpoint saved in {checkpoint}; continue with --resume")
+        self.signum = signum
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss stayed inf/NaN for too many micro-batches in a row."""
+
+
+class _StopSignals:
+    """Turns the first SIGTERM/SIGINT into a request to checkpoint and stop; a second one stops at once."""
+
+    def __init__(self):
+        self.requested = 0
+        self._old = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            self.__exit__()
+            raise KeyboardInterrupt
+        self.requested = signum
+        logger.warning("signal %d: saving a checkpoint at the next optimizer step, then stopping", signum)
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old = {}
+
+
+def _sync_flags(loss: torch.Tensor, stop: int, group=None) -> tuple:
+    """(any rank's loss non-finite, any rank asked to stop): one tiny all_reduce, so every rank decides alike."""
+    flags = torch.tensor([0.0 if bool(torch.isfinite(loss.detach())) else 1.0, float(stop)])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    return bool(flags[0]), int(flags[1])
+
+
+def _inject_fault(steps_this_run: int) -> None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if "@" in spec:
+        kind, _, at = spec.partition("@")
+        if steps_this_run == int(at):
+            import signal
+
+            os.kill(os.getpid(), {"kill": signal.SIGKILL, "term": signal.SIGTERM}[kind])
 
 
 @dataclass(frozen=True)
@@ -45,6 +107,7 @@ class TrainConfig:
     stream_teacher: bool = True  # teacher runs one batch ahead in a background thread
     log_steps: int = 10
     progress: bool = True
+    max_nonfinite_steps: int = 10  # consecutive inf/NaN micro-batches (skipped) before the run stops
 
     def __post_init__(self):
         if self.num_train_epochs < 1:
@@ -67,6 +130,7 @@ class TrainState:
     train_seconds: float = 0.0
     samples: int = 0
     teacher_wait_seconds: float = 0.0
+    nonfinite_skipped: int = 0
     rng: Optional[dict] = None
 
 
@@ -217,7 +281,6 @@ def train(
     on_best: Optional[Callable[[dict], None]] = None,
     on_eval: Optional[Callable[[dict], None]] = None,
     resume: bool = False,
-    batches_hook: Optional[Callable] = None,
 ) -> TrainState:
     """Run (or resume) training; returns the final state. ``on_best(record)`` saves the best student."""
     rank, world_size = world()
@@ -252,45 +315,63 @@ def train(
         cfg, rank, total=cfg.num_train_epochs * n_micro, initial=state.epoch * n_micro + state.micro_step_in_epoch
     )
     t_start = time.perf_counter() - state.train_seconds
-    kill_after = int(os.environ.get(KILL_ENV, "0"))
-    steps_this_run = 0
-    while state.epoch < cfg.num_train_epochs:
-        batches = epoch_batches(len(train_ds), micro_bs, cfg.seed, state.epoch, rank, world_size, lengths, gas)
-        todo = batches[state.micro_step_in_epoch :]
-        for batch, t_out, waited in _batches(todo, train_ds, collator, teacher, device, cfg.stream_teacher):
-            state.teacher_wait_seconds += waited
-            losses = engine(batch, t_out)
-            engine.backward(losses["loss"])
-            engine.step()
-            state.micro_step_in_epoch += 1
-            steps_this_run += 1
-            if steps_this_run == kill_after:
-                import signal
-
-                os.kill(os.getpid(), signal.SIGKILL)
-            state.samples += batch["input_ids"].shape[0] * world_size
-            boundary = engine.global_steps != state.global_step
-            state.global_step = engine.global_steps
-            if bar is not None:
-                bar.update(1)
-                if state.micro_step_in_epoch % cfg.log_steps == 0:
-                    elapsed = time.perf_counter() - t_start
-                    bar.set_postfix(
-                        {k: f"{v.item():.4f}" for k, v in losses.items() if "/" not in k}
-                        | {"samples/s": f"{state.samples / max(elapsed, 1e-9):.1f}"}
+    steps_this_run = consecutive_nonfinite = 0
+    with _StopSignals() as stop:
+        while state.epoch < cfg.num_train_epochs:
+            batches = epoch_batches(len(train_ds), micro_bs, cfg.seed, state.epoch, rank, world_size, lengths, gas)
+            todo = batches[state.micro_step_in_epoch :]
+            for batch, t_out, waited in _batches(todo, train_ds, collator, teacher, device, cfg.stream_teacher):
+                state.teacher_wait_seconds += waited
+                losses = engine(batch, t_out)
+                nonfinite, stop_now = _sync_flags(losses["loss"], stop.requested)
+                if nonfinite:
+                    # Skip it on every rank (no backward, no step), rather than train on garbage.
+                    state.nonfinite_skipped += 1
+                    consecutive_nonfinite += 1
+                    logger.warning(
+                        "non-finite loss at epoch %d micro-step %d: skipped", state.epoch, state.micro_step_in_epoch
                     )
-            if boundary:
-                _log_scalars(engine, {f"train/{k}": v.item() for k, v in losses.items() if "/" not in k})
-                if cfg.eval_steps and state.global_step % cfg.eval_steps == 0:
-                    state.train_seconds = time.perf_counter() - t_start
-                    run_eval()
-                    save_state(engine, ckpt_dir, state)
-        state.epoch += 1
-        state.micro_step_in_epoch = 0
-        state.train_seconds = time.perf_counter() - t_start
-        if not cfg.eval_steps or state.global_step % cfg.eval_steps:
-            run_eval()
-        save_state(engine, ckpt_dir, state)
+                    if consecutive_nonfinite >= cfg.max_nonfinite_steps:
+                        raise NonFiniteLossError(
+                            f"the loss was inf/NaN for {consecutive_nonfinite} micro-batches in a row (last terms: "
+                            f"{ {k: round(v.item(), 4) for k, v in losses.items() if '/' not in k} }); lower the "
+                            "learning rate, check the data and the teacher, or use bf16 instead of fp16"
+                        )
+                else:
+                    consecutive_nonfinite = 0
+                    engine.backward(losses["loss"])
+                    engine.step()
+                state.micro_step_in_epoch += 1
+                steps_this_run += 1
+                _inject_fault(steps_this_run)
+                state.samples += batch["input_ids"].shape[0] * world_size
+                boundary = engine.global_steps != state.global_step
+                state.global_step = engine.global_steps
+                if bar is not None:
+                    bar.update(1)
+                    if state.micro_step_in_epoch % cfg.log_steps == 0:
+                        elapsed = time.perf_counter() - t_start
+                        bar.set_postfix(
+                            {k: f"{v.item():.4f}" for k, v in losses.items() if "/" not in k}
+                            | {"samples/s": f"{state.samples / max(elapsed, 1e-9):.1f}"}
+                        )
+                if boundary:
+                    _log_scalars(engine, {f"train/{k}": v.item() for k, v in losses.items() if "/" not in k})
+                    if cfg.eval_steps and state.global_step % cfg.eval_steps == 0:
+                        state.train_seconds = time.perf_counter() - t_start
+                        run_eval()
+                        save_state(engine, ckpt_dir, state)
+                    elif stop_now:
+                        state.train_seconds = time.perf_counter() - t_start
+                        save_state(engine, ckpt_dir, state)
+                    if stop_now:
+                        raise TrainingInterrupted(stop_now, ckpt_dir)
+            state.epoch += 1
+            state.micro_step_in_epoch = 0
+            state.train_seconds = time.perf_counter() - t_start
+            if not cfg.eval_steps or state.global_step % cfg.eval_steps:
+                run_eval()
+            save_state(engine, ckpt_dir, state)
     if bar is not None:
         bar.close()
     return state

@@ -142,14 +142,19 @@ def check_cheap(args):
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from ad2_ds.data.assets import AssetError
+    from ad2_ds.trainer import NonFiniteLossError, TrainingInterrupted
+
     try:
         task, cfg = check_cheap(args)
         return run(args, task, cfg)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        from ad2_ds.data.assets import AssetError
-
-        if isinstance(e, RuntimeError) and not isinstance(e, AssetError):
-            raise
+    except TrainingInterrupted as e:
+        print(str(e), file=sys.stderr)
+        return 128 + e.signum
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError, AssetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

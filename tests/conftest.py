@@ -118,3 +118,33 @@ def save_tiny_teacher(path, vocab_path, num_labels=2, layers=2):
     model.save_pretrained(path)
     BertTokenizer(vocab=str(vocab_path)).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """DeepSpeed on one gloo rank inside the pytest process (no shm op compile), torn down afterwards."""
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import deepspeed
+
+    from ad2_ds.dist import init_distributed
+    from ad2_ds.testing import reset_deepspeed_state
+
+    init_distributed()
+    yield deepspeed
+    # Leave no process group behind: later tests fork 2-rank jobs, which a live group in this process forbids.
+    torch.distributed.destroy_process_group()
+    reset_deepspeed_state()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    sys.modules.pop("distill_glue", None)

@@ -1,44 +1,11 @@
 """The public API inside a hand-written deepspeed.initialize loop on one CPU rank (what users embed)."""
 
-import os
-import socket
-import sys
-
 import pytest
 import torch
 
 from ad2_ds import AD2Config, AD2Objective, TeacherOutput
 
 from conftest import random_batch, tiny_bert
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import deepspeed
-    import deepspeed.comm.torch  # noqa: F401
-
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # no JIT compile of the shm op in tests
-    deepspeed.init_distributed(dist_backend="gloo")
-    yield deepspeed
-    # Leave no process group behind: later tests fork 2-rank jobs, which a live group in this process forbids.
-    from ad2_ds.testing import reset_deepspeed_state
-
-    torch.distributed.destroy_process_group()
-    reset_deepspeed_state()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import save_tiny_teacher, write_glue_fixture
+from conftest import SPECIAL, WORDS, save_tiny_teacher, write_glue_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
@@ -99,25 +99,50 @@ def _run(argv, env_extra=None, launcher=None):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_kill_9_then_resume_ends_with_the_same_weights(fixture_dirs, tmp_path):
-    data, teacher, ds = fixture_dirs
-    common = ["--num_train_epochs", "2", "--eval_steps", "2", "--method", "ad2-dkd"]
-    full = _run(_argv(data, teacher, ds, tmp_path / "full", *common))
+COMMON = ["--num_train_epochs", "2", "--eval_steps", "2", "--method", "ad2-dkd"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("full")
+    (tmp / "vocab.txt").write_text("\n".join(SPECIAL + WORDS + [chr(ord("a") + i) for i in range(26)]) + "\n")
+    data = write_glue_fixture(tmp / "glue")
+    teacher = save_tiny_teacher(tmp / "teacher", tmp / "vocab.txt", layers=2)
+    ds = tmp / "ds.json"
+    cfg = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    cfg.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2)
+    ds.write_text(json.dumps(cfg))
+    full = _run(_argv(data, teacher, ds, tmp / "full", *COMMON))
     assert full.returncode == 0, full.stderr[-2000:]
-    # killed after 7 micro-steps: checkpoint at optimizer step 2 (micro-step 4) exists, step 3 is half accumulated
-    killed = _run(_argv(data, teacher, ds, tmp_path / "killed", *common), {"AD2_FAULT_KILL_AFTER_MICRO_STEPS": "7"})
-    assert killed.returncode == -9
-    assert not (tmp_path / "killed" / "results.json").exists()
-    assert (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip() == "global_step2"
-    resumed = _run(_argv(data, teacher, ds, tmp_path / "killed", *common, "--resume"))
+    return data, teacher, ds, tmp / "full"
+
+
+@pytest.mark.parametrize(
+    "fault, returncode, checkpoint",
+    [
+        # SIGKILL after 7 micro-steps: the checkpoint of optimizer step 2 (micro-step 4) survives, step 3 is lost
+        ("kill@7", -9, "global_step2"),
+        # SIGTERM after 5 micro-steps: checkpoint at the next optimizer step (3, micro-step 6), then exit 128+15
+        ("term@5", 143, "global_step3"),
+    ],
+)
+def test_fault_then_resume_ends_with_the_same_weights(uninterrupted, tmp_path, fault, returncode, checkpoint):
+    data, teacher, ds, full = uninterrupted
+    out = tmp_path / "run"
+    hit = _run(_argv(data, teacher, ds, out, *COMMON), {"AD2_FAULT": fault})
+    assert hit.returncode == returncode, hit.stderr[-2000:]
+    if fault.startswith("term"):
+        assert "checkpoint saved" in hit.stderr and "--resume" in hit.stderr
+    assert not (out / "results.json").exists()
+    assert (out / "checkpoints" / "latest").read_text().strip() == checkpoint
+    resumed = _run(_argv(data, teacher, ds, out, *COMMON, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    tag_a, a = _final_weights(tmp_path / "full")
-    tag_b, b = _final_weights(tmp_path / "killed")
+    tag_a, a = _final_weights(full)
+    tag_b, b = _final_weights(out)
     assert tag_a == tag_b == "global_step10"
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
-    hist_a = json.loads((tmp_path / "full" / "results.json").read_text())["history"]
-    hist_b = json.loads((tmp_path / "killed" / "results.json").read_text())["history"]
-    assert hist_a == hist_b
+    hist_a = json.loads((full / "results.json").read_text())["history"]
+    assert json.loads((out / "results.json").read_text())["history"] == hist_a
 
 
 def test_recipe_under_the_deepspeed_launcher_on_two_ranks(fixture_dirs, tmp_path):
