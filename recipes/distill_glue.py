@@ -175,61 +175,26 @@ def run(args, task, cfg) -> int:
     if world_size % args.teacher_tp_size:
         raise UsageError(f"--teacher_tp_size {args.teacher_tp_size} does not divide the world size {world_size}")
 
+    splits = load_splits(args, task)  # bad data fails here, before any model is fetched or trained
     teacher_path = args.teacher
     if teacher_path is None and (cfg.needs_teacher or not args.student):
         from finetune_teacher import ensure_default_teacher
 
         teacher_path = ensure_default_teacher(args, task)
-    return distill(args, task, cfg, ds_config, teacher_path)
+    return distill(args, task, cfg, ds_config, teacher_path, splits)
 
 
-def load_classifier(path, num_labels, eager, trust_remote_code):
-    from transformers import AutoModelForSequenceClassification
-
-    kwargs = {"attn_implementation": "eager"} if eager else {}
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=num_labels, trust_remote_code=trust_remote_code, **kwargs
-    )
-    if model.config.num_labels != num_labels:
-        raise UsageError(f"{path} predicts {model.config.num_labels} labels but the task has {num_labels}")
-    return model
-
-
-def distill(args, task, cfg, ds_config, teacher_path) -> int:
-    """Build the models, data, objective, engine and teacher, train, and write the results."""
-    import deepspeed
+def load_splits(args, task) -> dict:
+    """Train (the fixed low-resource subset) and dev splits, raw text; rank 0 reads first and fills the cache."""
     import torch.distributed as dist
-    from transformers import AutoTokenizer, set_seed
 
-    from ad2_ds import AD2Objective
-    from ad2_ds.data.assets import resolve_model
-    from ad2_ds.data.glue import DataCollator, load_task, tokenize_dataset
-    from ad2_ds.dsconfig import resolve_scheduler_steps
-    from ad2_ds.modeling import count_parameters, measure_latency, save_pretrained_atomic, student_from_teacher
-    from ad2_ds.trainer import TrainConfig, epoch_batches, evaluate, train
+    from ad2_ds.data.glue import load_task
 
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    set_seed(args.seed)
-    eager = cfg.needs_attentions
-    teacher_model = tok_t = None
-    if teacher_path is not None:
-        teacher_path = resolve_model(teacher_path)
-        teacher_model = load_classifier(teacher_path, task.num_labels, eager, args.trust_remote_code).eval()
-        tok_t = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=args.trust_remote_code)
-    if args.student:
-        student_path = resolve_model(args.student)
-        student = load_classifier(student_path, task.num_labels, eager, args.trust_remote_code)
-        tok_s = AutoTokenizer.from_pretrained(student_path, trust_remote_code=args.trust_remote_code)
-    else:
-        strategy, _, n = args.student_layers.partition(":")
-        student, tok_s = student_from_teacher(teacher_model, int(n), strategy), tok_t
-    student.train()
-    two_tokenizers = tok_t is not None and tok_t.get_vocab() != tok_s.get_vocab()
-
-    # Data: rank 0 tokenizes first and fills the datasets cache; the others then read it.
-    if rank != 0:
+    if dist.get_rank() != 0:
         dist.barrier()
     raw = load_task(task, args.data_dir)
+    if dist.get_rank() == 0:
+        dist.barrier()
     train_raw = raw["train"]
     if args.max_train_samples and args.max_train_samples < len(train_raw):
         # A fixed subset (seed 0), the same for every method and --seed: low-resource comparisons stay paired.
@@ -240,6 +205,80 @@ def distill(args, task, cfg, ds_config, teacher_path) -> int:
         if args.max_eval_samples and args.max_eval_samples < len(ds):
             ds = ds.shuffle(seed=0).select(range(args.max_eval_samples))  # dev files may be ordered by label
         splits[split] = ds
+    return splits
+
+
+def load_classifier(path, num_labels, eager, trust_remote_code, role):
+    """A sequence classifier for the task. A teacher must already have a trained head of the task's size; a student
+    may start from a base checkpoint (a new head is made)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    if has_head and config.num_labels != num_labels:
+        raise UsageError(f"{role} {path} predicts {config.num_labels} labels but the task has {num_labels}")
+    if role == "teacher" and not has_head:
+        raise UsageError(
+            f"teacher {path} has no fine-tuned classification head: fine-tune it first "
+            "(recipes/finetune_teacher.py --model ...) and pass its best/ folder"
+        )
+    kwargs = {"attn_implementation": "eager"} if eager else {}
+    return AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=num_labels, trust_remote_code=trust_remote_code, **kwargs
+    )
+
+
+def distill(args, task, cfg, ds_config, teacher_path, splits) -> int:
+    """Build the models, data, objective, engine and teacher, train, and write the results."""
+    import deepspeed
+    import torch.distributed as dist
+    from transformers import AutoTokenizer, set_seed
+
+    from ad2_ds import AD2Objective
+    from ad2_ds.data.assets import resolve_model
+    from ad2_ds.data.glue import DataCollator, tokenize_dataset
+    from ad2_ds.dsconfig import resolve_scheduler_steps
+    from ad2_ds.modeling import count_parameters, measure_latency, save_pretrained_atomic, student_from_teacher
+    from ad2_ds.trainer import TrainConfig, epoch_batches, evaluate, train
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    set_seed(args.seed)
+    eager = cfg.needs_attentions
+    teacher_model = tok_t = None
+    if teacher_path is not None:
+        teacher_path = resolve_model(teacher_path)
+        teacher_model = load_classifier(teacher_path, task.num_labels, eager, args.trust_remote_code, "teacher").eval()
+        tok_t = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=args.trust_remote_code)
+    if args.student:
+        student_path = resolve_model(args.student)
+        student = load_classifier(student_path, task.num_labels, eager, args.trust_remote_code, "student")
+        tok_s = AutoTokenizer.from_pretrained(student_path, trust_remote_code=args.trust_remote_code)
+    else:
+        strategy, _, n = args.student_layers.partition(":")
+        student, tok_s = student_from_teacher(teacher_model, int(n), strategy), tok_t
+    student.train()
+    two_tokenizers = tok_t is not None and tok_t.get_vocab() != tok_s.get_vocab()
+
+    if two_tokenizers and (cfg.deep_kd or cfg.w_pkd > 0):
+        raise UsageError(
+            f"method {cfg.method} compares hidden states token by token, but the teacher and student tokenizers "
+            "differ: use --method kd or ad2-dkd (logits only), or a student built from the teacher (--student_layers)"
+        )
+    max_positions = min(
+        getattr(m.config, "max_position_embeddings", 10**9) for m in (teacher_model, student) if m is not None
+    )
+    if args.max_seq_length > max_positions:
+        logging.getLogger("distill_glue").warning(
+            "--max_seq_length %d exceeds the models' %d positions: using %d",
+            args.max_seq_length,
+            max_positions,
+            max_positions,
+        )
+        args.max_seq_length = max_positions
+
+    # Rank 0 tokenizes first and fills the datasets cache; the others then read it.
+    if rank != 0:
+        dist.barrier()
     import datasets
 
     tokenized, truncated = tokenize_dataset(
@@ -316,6 +355,8 @@ def distill(args, task, cfg, ds_config, teacher_path) -> int:
         "train_seconds": state.train_seconds,
         "samples_per_second": state.samples / max(state.train_seconds, 1e-9),
         "teacher_wait_seconds": state.teacher_wait_seconds,
+        "nonfinite_skipped": state.nonfinite_skipped,
+        "overflow_skipped_steps": engine.skipped_steps,
         "truncated": truncated,
         "engine": {
             "micro_batch": engine.train_micro_batch_size_per_gpu(),
