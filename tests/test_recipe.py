@@ -181,3 +181,24 @@ def test_recipe_with_a_teacher_cache_and_a_given_student(fixture_dirs, tmp_path,
     stale[stale.index("--max_seq_length") + 1] = "12"
     assert distill_glue.main(stale) == 2
     assert "stale cache" in capsys.readouterr().err and (cache / "meta.json").stat().st_mtime_ns == stamp
+
+
+def test_teacher_and_student_with_different_tokenizers(fixture_dirs, tmp_path, tiny_vocab, no_dist_left, capsys):
+    import distill_glue
+
+    data, _, ds = fixture_dirs
+    # the teacher's vocabulary lists the same words in another order: same text, other ids
+    lines = tiny_vocab.read_text().split()
+    other = tmp_path / "other_vocab.txt"
+    other.write_text("\n".join(lines[:5] + lines[5:][::-1]) + "\n")
+    teacher = save_tiny_teacher(tmp_path / "teacher_other", other, layers=2)
+    student = save_tiny_teacher(tmp_path / "student", tiny_vocab, layers=1)
+    out = tmp_path / "cross"
+    args = ["--num_train_epochs", "1", "--student", str(student), "--method", "ad2-dkd"]
+    assert distill_glue.main(_argv(data, teacher, ds, out, *args)) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["history"] and "accuracy" in results["teacher_scores"]
+    # deep KD compares token positions: refused up front with one line
+    assert distill_glue.main(_argv(data, teacher, ds, tmp_path / "deep", "--student", str(student))) == 2
+    assert "tokenizers differ" in capsys.readouterr().err
+    assert not (tmp_path / "deep").exists()
