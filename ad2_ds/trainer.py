@@ -31,8 +31,8 @@ from .teachers.base import Teacher
 
 logger = logging.getLogger(__name__)
 CKPT_DIR = "checkpoints"
-# Fault injection for the kill-and-resume tests: "kill@7" / "term@5" sends this process SIGKILL / SIGTERM after that
-# many micro-steps of this run.
+# Fault injection for the fault tests: "kill@7" / "term@5" sends this process SIGKILL / SIGTERM after that many
+# micro-steps of this run; "kill@3:1" does it on global rank 1 only.
 FAULT_ENV = "AD2_FAULT"
 
 
@@ -91,6 +91,9 @@ def _inject_fault(steps_this_run: int) -> None:
     spec = os.environ.get(FAULT_ENV, "")
     if "@" in spec:
         kind, _, at = spec.partition("@")
+        at, _, only_rank = at.partition(":")
+        if only_rank and int(only_rank) != world()[0]:
+            return
         if steps_this_run == int(at):
             import signal
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ad2_ds.dist import find_free_port
+
 from conftest import SPECIAL, WORDS, save_tiny_teacher, write_glue_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +150,15 @@ def test_fault_then_resume_ends_with_the_same_weights(uninterrupted, tmp_path, f
 def test_recipe_under_the_deepspeed_launcher_on_two_ranks(fixture_dirs, tmp_path):
     data, teacher, ds = fixture_dirs
     out = tmp_path / "two"
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(find_free_port()),
+    ]
     res = _run(
         _argv(data, teacher, ds, out, "--num_train_epochs", "1", "--teacher_tp_size", "2", "--method", "ad2"),
         launcher=launcher,

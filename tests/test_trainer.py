@@ -1,5 +1,6 @@
 """The loop's guards, in-process on one rank: a non-finite loss is skipped on every rank and counted, and a run
 that keeps producing one stops with a clear error."""
+
 import datasets
 import pytest
 import torch
