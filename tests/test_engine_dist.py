@@ -77,3 +77,34 @@ def test_epoch_batches_layouts_agree():
     grouped = epoch_batches(40, 4, seed=0, epoch=0, rank=0, world_size=1, lengths=lengths)
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in grouped)
     assert sorted(i for b in grouped for i in b) == list(range(40)) and spread < 10  # similar lengths per batch
+
+
+def _predict(rank, world_size, n):
+    import datasets
+
+    from ad2_ds.data.glue import DataCollator
+    from ad2_ds.dist import init_distributed
+    from ad2_ds.trainer import predict
+
+    init_distributed()
+    b = random_batch(batch_size=n, seq_len=8, seed=5)
+    ds = datasets.Dataset.from_dict(
+        {
+            "input_ids": [r[m.bool()].tolist() for r, m in zip(b["input_ids"], b["attention_mask"])],
+            "attention_mask": [[1] * int(m.sum()) for m in b["attention_mask"]],
+            "label": b["labels"].tolist(),
+            "idx": list(range(n)),
+        }
+    )
+    return predict(tiny_bert(seed=4), ds, DataCollator(0), batch_size=3)
+
+
+@pytest.mark.parametrize("n", [11, 7])
+def test_uneven_evaluation_counts_every_example_once(n):
+    # n=11: 6 and 5 examples in batches of 3, rank 1's second batch is short; n=7: 4 and 3, rank 1 runs an extra
+    # discarded batch so both ranks make the same number of forwards (ZeRO-3 gathers weights collectively)
+    one = launch(_predict, world_size=1, args=(n,), timeout_s=120)[0]
+    two = launch(_predict, world_size=2, args=(n,), timeout_s=120)
+    assert one.shape == (n, 2)
+    assert torch.allclose(torch.from_numpy(two[0]), torch.from_numpy(one), atol=1e-5)  # same order, same values
+    assert torch.equal(torch.from_numpy(two[0]), torch.from_numpy(two[1]))  # every rank has all predictions
