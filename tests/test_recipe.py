@@ -25,6 +25,7 @@ def fixture_dirs(tmp_path, tiny_vocab):
     cfg = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
     cfg["train_micro_batch_size_per_gpu"] = 4
     cfg["gradient_accumulation_steps"] = 2
+    cfg["csv_monitor"] = {"enabled": True, "output_path": str(tmp_path / "monitor"), "job_name": "run"}
     ds.write_text(json.dumps(cfg))
     return data, teacher, ds
 
@@ -72,6 +73,11 @@ def test_recipe_runs_writes_results_and_a_loadable_student_then_resumes(fixture_
     assert student.config.num_hidden_layers == 1 and student.config.num_labels == 2
     assert student(**tok(["the movie was good"], return_tensors="pt")).logits.shape == (1, 2)
     assert "best student saved to" in capsys.readouterr().out
+    monitor = tmp_path / "monitor" / "run"  # DeepSpeed's monitor gets every loss term and evaluation
+    assert {"train_loss.csv", "train_kd.csv", "train_ada.csv", "eval_accuracy.csv"} <= {
+        p.name for p in monitor.iterdir()
+    }
+    assert len((monitor / "eval_accuracy.csv").read_text().strip().splitlines()) == 1 + 3  # header + 3 evaluations
 
     before = (out / "results.json").read_bytes()
     assert distill_glue.main(_argv(data, teacher, ds, out, "--num_train_epochs", "1")) == 2  # refuses to clobber
