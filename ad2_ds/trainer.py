@@ -416,15 +416,23 @@ def _log_scalars(engine, values: Dict[str, float]) -> None:
 
 
 def save_state(engine, ckpt_dir: str, state: TrainState) -> None:
-    """A DeepSpeed checkpoint plus our state; DeepSpeed writes ``latest`` after the files, so a kill mid-save leaves
-    the previous checkpoint as the one that loads. Older checkpoints are removed once the new one is complete."""
+    """A DeepSpeed checkpoint plus our state (as JSON). ``latest`` is replaced atomically once every rank has written
+    its files, so a kill at any moment leaves a complete checkpoint that loads; older ones are removed after that."""
     state.rng = _rng_state()
     tag = f"global_step{engine.global_steps}"
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"ad2_state": json.dumps(dataclasses.asdict(state))})
+    engine.save_checkpoint(
+        ckpt_dir, tag=tag, client_state={"ad2_state": json.dumps(dataclasses.asdict(state))}, save_latest=False
+    )
     rank, world_size = world()
     if world_size > 1:
         dist.barrier()
     if rank == 0:
+        tmp = os.path.join(ckpt_dir, ".latest.tmp")
+        with open(tmp, "w") as f:
+            f.write(tag)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(ckpt_dir, "latest"))
         for name in os.listdir(ckpt_dir):
             path = os.path.join(ckpt_dir, name)
             if name.startswith("global_step") and name != tag and os.path.isdir(path):
