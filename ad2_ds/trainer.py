@@ -224,18 +224,17 @@ def predict(model, dataset, collator, batch_size: int, device=None) -> np.ndarra
     n = len(dataset)
     shard = list(range(rank, n, world_size))
     n_batches = math.ceil(math.ceil(n / world_size) / batch_size)
+    from .modeling import accepted_inputs
+
+    accepted = accepted_inputs(model)
     was_training = model.training
     model.eval()
     positions, outputs = [], []
     for b in range(n_batches):
         ids = shard[b * batch_size : (b + 1) * batch_size]
         batch = collator([dataset[i] for i in (ids or [0])])
-        inputs = {
-            k: v.to(device) if device else v
-            for k, v in batch.items()
-            if k in ("input_ids", "attention_mask", "token_type_ids")
-        }
-        logits = _call_student(model, inputs).float().cpu()
+        inputs = {k: v.to(device) if device else v for k, v in batch.items() if k in accepted}
+        logits = model(**inputs).logits.float().cpu()
         if ids:
             positions += ids
             outputs.append(logits)
@@ -250,15 +249,9 @@ def predict(model, dataset, collator, batch_size: int, device=None) -> np.ndarra
     out = np.concatenate([o for p, o in gathered if len(p)])
     preds = np.empty_like(out[:n])
     preds[pos] = out
-    assert len(np.unique(pos)) == n == len(pos), "evaluation must see every example exactly once"
+    if not (len(pos) == n == len(np.unique(pos))):
+        raise RuntimeError(f"evaluation saw {len(pos)} predictions for {n} examples ({len(np.unique(pos))} distinct)")
     return preds
-
-
-def _call_student(model, inputs):
-    from .modeling import accepted_inputs
-
-    accepted = accepted_inputs(model)
-    return model(**{k: v for k, v in inputs.items() if k in accepted}).logits
 
 
 def evaluate(model, dev_sets: Mapping[str, object], collator, task, batch_size: int, device=None) -> Dict[str, float]:
