@@ -247,10 +247,10 @@ def predict(model, dataset, collator, batch_size: int, device=None) -> np.ndarra
         gathered = [local]
     pos = np.concatenate([np.asarray(p, dtype=np.int64) for p, _ in gathered])
     out = np.concatenate([o for p, o in gathered if len(p)])
-    preds = np.empty_like(out[:n])
-    preds[pos] = out
     if not (len(pos) == n == len(np.unique(pos))):
         raise RuntimeError(f"evaluation saw {len(pos)} predictions for {n} examples ({len(np.unique(pos))} distinct)")
+    preds = np.empty_like(out)
+    preds[pos] = out
     return preds
 
 
