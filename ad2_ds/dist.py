@@ -364,26 +364,36 @@ class _GroupAsWorld:
 
 
 class default_group:
-    """``with default_group(group): ...``: DeepSpeed's barrier / all_reduce / broadcast issued without a group
-    (meaning the whole world) run on ``group`` instead, ``broadcast(src=0)`` meaning the group's first rank.
+    """``with default_group(group[, engine]): ...``: DeepSpeed's barrier / all_reduce / broadcast issued without a
+    group (meaning the whole world) run on ``group`` instead, ``broadcast(src=0)`` meaning the group's first rank;
+    with ``engine``, its ``global_rank`` reads as the rank in ``group`` meanwhile (DeepSpeed's checkpoint code lets
+    global rank 0 create the folder and write ``latest``).
 
     For DeepSpeed code run by a subset of the ranks that would otherwise wait for the rest of the world:
     ``init_inference`` with tp_size > 1 broadcasts an RNG state from rank 0 over the world, ``save_checkpoint``
     puts world barriers and a world all_reduce (tag check) around the save. ``group=None``: no change.
     """
 
-    def __init__(self, group):
-        self.group = group
+    def __init__(self, group, engine=None):
+        self.group, self.engine = group, engine
 
     def __enter__(self):
         self._comm = sys.modules.get("deepspeed.comm.comm")
-        if self.group is None or self._comm is None or self._comm.cdb is None:
+        if self.group is None:
             self._comm = None
             return self
-        self._saved = self._comm.cdb
-        self._comm.cdb = _GroupAsWorld(self._saved, self.group)
+        if self._comm is not None and self._comm.cdb is not None:
+            self._saved = self._comm.cdb
+            self._comm.cdb = _GroupAsWorld(self._saved, self.group)
+        else:
+            self._comm = None
+        if self.engine is not None:
+            self._global_rank = self.engine.global_rank
+            self.engine.global_rank = tdist.get_rank(self.group)
         return self
 
     def __exit__(self, *exc):
         if self._comm is not None:
             self._comm.cdb = self._saved
+        if self.group is not None and self.engine is not None:
+            self.engine.global_rank = self._global_rank
