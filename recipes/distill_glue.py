@@ -345,7 +345,16 @@ def distill(args, task, cfg, ds_config, teacher_path) -> int:
     )
     try:
         state = train(
-            engine, teacher, train_ds, dev_sets, collator, task, tcfg, on_best=save_best, resume=args.resume, group=group
+            engine,
+            teacher,
+            train_ds,
+            dev_sets,
+            collator,
+            task,
+            tcfg,
+            on_best=save_best,
+            resume=args.resume,
+            group=group,
         )
     finally:
         if layout is not None:

@@ -192,6 +192,23 @@ def test_hosted_teacher_on_rank0_trains_like_colocated_on_two_ranks_then_resumes
     assert _final_weights(hosted)[0] == "global_step6"
 
 
+def test_hosted_tp2_teacher_on_ranks_0_1_students_2_3(fixture_dirs, tmp_path):
+    from ad2_ds.testing import launch
+
+    data, teacher, ds = fixture_dirs
+    common = ["--num_train_epochs", "1", "--method", "ad2-dkd", "--w_attention", "1"]  # hidden states + attentions
+    colocated, hosted = tmp_path / "colocated", tmp_path / "hosted"
+    assert launch(_recipe_rank, 2, args=(_argv(data, teacher, ds, colocated, *common),), timeout_s=300) == [0, 0]
+    argv = _argv(data, teacher, ds, hosted, *common, "--teacher_ranks", "0,1")
+    assert launch(_recipe_rank, 4, args=(argv,), timeout_s=300) == [0] * 4
+    res = json.loads((hosted / "results.json").read_text())
+    assert res["world_size"] == 2 and res["teacher_ranks"] == [0, 1]
+    _, w_c = _final_weights(colocated)
+    _, w_h = _final_weights(hosted)
+    for k in w_c:  # a TP teacher equals the unsharded one up to fp32 rounding (~1e-8)
+        torch.testing.assert_close(w_h[k], w_c[k], atol=1e-5, rtol=1e-4)
+
+
 def test_teacher_ranks_usage_errors(fixture_dirs, tmp_path, capsys, monkeypatch):
     import distill_glue
 
