@@ -212,3 +212,188 @@ def slice_for_rank(
     for d in seq_dims:
         x = x.narrow(d, 0, info.lengths[rank])
     return x
+
+
+def assign_teacher_ranks(teacher_ranks: Sequence[int], student_ranks: Sequence[int]) -> Dict[int, int]:
+    """The fixed student -> teacher rank mapping of the hosted layout: round-robin (the i-th student rank is served
+    by teacher rank ``teacher_ranks[i % len(teacher_ranks)]``).
+
+    Raises ``ValueError`` unless the number of student ranks is a multiple of the number of teacher ranks: a
+    tensor-parallel teacher's ranks must run together, so each must serve the same number of requests per round.
+    """
+    teachers, students = list(teacher_ranks), list(student_ranks)
+    if not teachers or not students:
+        raise ValueError(f"hosted layout: need teacher and student ranks, got {teachers} and {students}")
+    if len(students) % len(teachers):
+        raise ValueError(
+            f"hosted layout: {len(students)} student ranks {students} are not a multiple of the {len(teachers)} "
+            f"teacher ranks {teachers}; every teacher rank must serve the same number of students (a tensor-parallel "
+            "teacher's ranks run together)"
+        )
+    return {s: teachers[i % len(teachers)] for i, s in enumerate(students)}
+
+
+@dataclass(frozen=True)
+class HostedLayout:
+    """Who does what in the hosted layout (see :func:`split_ranks`).
+
+    role: "teacher" or "student" for this rank. teacher_group / student_group: process groups of exactly those
+    ranks (the TP teacher runs on the first, the student's DeepSpeed engine on the second). link_group: all ranks,
+    used only for the teacher <-> student point-to-point traffic, so it never shares a group with anybody's
+    collectives. mp_group: a group of this rank alone (the model-parallel group a :class:`StudentGroupMPU` reports);
+    None on teacher ranks.
+    """
+
+    role: str
+    teacher_ranks: Tuple[int, ...]
+    student_ranks: Tuple[int, ...]
+    teacher_group: object
+    student_group: object
+    link_group: object
+    mp_group: object = None
+
+    @property
+    def assignment(self) -> Dict[int, int]:
+        return assign_teacher_ranks(self.teacher_ranks, self.student_ranks)
+
+    def students_of(self, teacher_rank: int) -> Tuple[int, ...]:
+        return tuple(s for s, t in self.assignment.items() if t == teacher_rank)
+
+    def teacher_of(self, student_rank: int) -> int:
+        return self.assignment[student_rank]
+
+    def __iter__(self):  # role, teacher_group, student_group = split_ranks(...)
+        return iter((self.role, self.teacher_group, self.student_group))
+
+
+def parse_ranks(spec: Optional[str]) -> Tuple[int, ...]:
+    """``"0,1"`` -> ``(0, 1)``; None or ``""`` -> ``()``."""
+    if not spec:
+        return ()
+    return tuple(int(x) for x in str(spec).split(",") if x.strip())
+
+
+def split_ranks(teacher_ranks: Sequence[int]) -> HostedLayout:
+    """Split the world into teacher and student ranks and create their process groups (a collective: every rank
+    calls it, with the same ``teacher_ranks``).
+
+    Groups are created in the same order on every rank: teacher, student, link, then one single-rank group per
+    student rank (``new_group`` needs every rank of the world to take part in each creation).
+    """
+    world, rank = get_world_size(), get_rank()
+    teachers = tuple(sorted(set(int(r) for r in teacher_ranks)))
+    if len(teachers) != len(teacher_ranks) or any(r < 0 or r >= world for r in teachers):
+        raise ValueError(f"hosted layout: teacher ranks {list(teacher_ranks)} must be distinct ranks of [0, {world})")
+    students = tuple(r for r in range(world) if r not in teachers)
+    assign_teacher_ranks(teachers, students)  # raises on an uneven split
+    teacher_group = tdist.new_group(list(teachers))
+    student_group = tdist.new_group(list(students))
+    link_group = tdist.new_group(list(range(world)))
+    mp_group = None
+    for s in students:
+        g = tdist.new_group([s])
+        if s == rank:
+            mp_group = g
+    role = "teacher" if rank in teachers else "student"
+    return HostedLayout(role, teachers, students, teacher_group, student_group, link_group, mp_group)
+
+
+class StudentGroupMPU:
+    """The ``mpu`` that makes ``deepspeed.initialize(..., mpu=StudentGroupMPU(layout))`` train on the student ranks
+    only: data parallel over ``student_group``, no model parallelism (a group of this rank alone; DeepSpeed's
+    gradient-norm code all-reduces over the model-parallel group, so None would mean the world and hang)."""
+
+    def __init__(self, student_group, mp_group):
+        self.dp_group, self.mp_group = student_group, mp_group
+
+    @classmethod
+    def from_layout(cls, layout: HostedLayout) -> "StudentGroupMPU":
+        if layout.role != "student":
+            raise ValueError("StudentGroupMPU: this rank is a teacher rank of the hosted layout")
+        return cls(layout.student_group, layout.mp_group)
+
+    def get_data_parallel_group(self):
+        return self.dp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return tdist.get_rank(self.dp_group)
+
+    def get_data_parallel_world_size(self) -> int:
+        return tdist.get_world_size(self.dp_group)
+
+    def get_data_parallel_group_ranks(self):
+        return tdist.get_process_group_ranks(self.dp_group)
+
+    def get_model_parallel_group(self):
+        return self.mp_group
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+
+class _GroupAsWorld:
+    """Stands in for DeepSpeed's comm backend: collectives called without a group run on ``group``, and their
+    src/dst ranks are read as ranks of ``group``; everything else is forwarded unchanged."""
+
+    def __init__(self, backend, group):
+        self._backend, self._group = backend, group
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def _g(self, group):
+        return self._group if group is None or group is tdist.GroupMember.WORLD else group
+
+    def barrier(self, group=None, **kw):
+        return self._backend.barrier(group=self._g(group), **kw)
+
+    def all_reduce(self, tensor, op=tdist.ReduceOp.SUM, group=None, async_op=False):
+        return self._backend.all_reduce(tensor, op, self._g(group), async_op)
+
+    def broadcast(self, tensor, src, group=None, async_op=False):
+        if group is None:
+            src = tdist.get_global_rank(self._group, src)
+        return self._backend.broadcast(tensor=tensor, src=src, group=self._g(group), async_op=async_op)
+
+
+class default_group:
+    """``with default_group(group[, engine]): ...``: DeepSpeed's barrier / all_reduce / broadcast issued without a
+    group (meaning the whole world) run on ``group`` instead, ``broadcast(src=0)`` meaning the group's first rank;
+    with ``engine``, its ``global_rank`` reads as the rank in ``group`` meanwhile (DeepSpeed's checkpoint code lets
+    global rank 0 create the folder and write ``latest``).
+
+    For DeepSpeed code run by a subset of the ranks that would otherwise wait for the rest of the world:
+    ``init_inference`` with tp_size > 1 broadcasts an RNG state from rank 0 over the world, ``save_checkpoint``
+    puts world barriers and a world all_reduce (tag check) around the save. ``group=None``: no change.
+    """
+
+    def __init__(self, group, engine=None):
+        self.group, self.engine = group, engine
+
+    def __enter__(self):
+        self._comm = sys.modules.get("deepspeed.comm.comm")
+        if self.group is None:
+            self._comm = None
+            return self
+        if self._comm is not None and self._comm.cdb is not None:
+            self._saved = self._comm.cdb
+            self._comm.cdb = _GroupAsWorld(self._saved, self.group)
+        else:
+            self._comm = None
+        if self.engine is not None:
+            self._global_rank = self.engine.global_rank
+            self.engine.global_rank = tdist.get_rank(self.group)
+        return self
+
+    def __exit__(self, *exc):
+        if self._comm is not None:
+            self._comm.cdb = self._saved
+        if self.group is not None and self.engine is not None:
+            self.engine.global_rank = self._global_rank

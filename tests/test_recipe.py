@@ -218,3 +218,70 @@ def test_teacher_and_student_with_different_tokenizers(fixture_dirs, tmp_path, t
     assert distill_glue.main(_argv(data, teacher, ds, tmp_path / "deep", "--student", str(student))) == 2
     assert "tokenizers differ" in capsys.readouterr().err
     assert not (tmp_path / "deep").exists()
+
+
+def _recipe_rank(rank, world_size, argv):
+    import distill_glue
+
+    return distill_glue.main(argv)
+
+
+def test_hosted_teacher_on_rank0_trains_like_colocated_on_two_ranks_then_resumes(fixture_dirs, tmp_path):
+    from ad2_ds.testing import launch
+
+    data, teacher, ds = fixture_dirs
+    common = ["--num_train_epochs", "1", "--eval_steps", "2", "--method", "ad2-dkd"]
+    colocated, hosted = tmp_path / "colocated", tmp_path / "hosted"
+    assert launch(_recipe_rank, 2, args=(_argv(data, teacher, ds, colocated, *common),), timeout_s=300) == [0, 0]
+    argv = _argv(data, teacher, ds, hosted, *common, "--teacher_ranks", "0")
+    assert launch(_recipe_rank, 3, args=(argv,), timeout_s=300) == [0, 0, 0]
+    res_c = json.loads((colocated / "results.json").read_text())
+    res_h = json.loads((hosted / "results.json").read_text())
+    assert res_h["world_size"] == 2 and res_h["teacher_ranks"] == [0] and res_c["teacher_ranks"] == []
+    assert res_h["history"] == res_c["history"] and [h["step"] for h in res_h["history"]] == [2, 3]
+    assert res_h["teacher_scores"] == res_c["teacher_scores"]
+    tag_c, w_c = _final_weights(colocated)
+    tag_h, w_h = _final_weights(hosted)  # `latest` written although global rank 0 is the teacher
+    assert tag_c == tag_h == "global_step3"
+    assert w_c.keys() == w_h.keys() and all(torch.equal(w_c[k], w_h[k]) for k in w_c)  # same training, bit for bit
+
+    # resume the hosted run for a second epoch: DeepSpeed's checkpoint loading runs on the student ranks alone
+    more = ["--num_train_epochs", "2", "--eval_steps", "2", "--method", "ad2-dkd", "--resume"]
+    argv = _argv(data, teacher, ds, hosted, *more, "--teacher_ranks", "0")
+    assert launch(_recipe_rank, 3, args=(argv,), timeout_s=300) == [0, 0, 0]
+    resumed = json.loads((hosted / "results.json").read_text())
+    assert [h["step"] for h in resumed["history"]] == [2, 3, 4, 6]
+    assert _final_weights(hosted)[0] == "global_step6"
+
+
+def test_hosted_tp2_teacher_on_ranks_0_1_students_2_3(fixture_dirs, tmp_path):
+    from ad2_ds.testing import launch
+
+    data, teacher, ds = fixture_dirs
+    common = ["--num_train_epochs", "1", "--method", "ad2-dkd", "--w_attention", "1"]  # hidden states + attentions
+    colocated, hosted = tmp_path / "colocated", tmp_path / "hosted"
+    assert launch(_recipe_rank, 2, args=(_argv(data, teacher, ds, colocated, *common),), timeout_s=300) == [0, 0]
+    argv = _argv(data, teacher, ds, hosted, *common, "--teacher_ranks", "0,1")
+    assert launch(_recipe_rank, 4, args=(argv,), timeout_s=300) == [0] * 4
+    res = json.loads((hosted / "results.json").read_text())
+    assert res["world_size"] == 2 and res["teacher_ranks"] == [0, 1]
+    _, w_c = _final_weights(colocated)
+    _, w_h = _final_weights(hosted)
+    for k in w_c:  # a TP teacher equals the unsharded one up to fp32 rounding (~1e-8)
+        torch.testing.assert_close(w_h[k], w_c[k], atol=1e-5, rtol=1e-4)
+
+
+def test_teacher_ranks_usage_errors(fixture_dirs, tmp_path, capsys, monkeypatch):
+    import distill_glue
+
+    data, teacher, ds = fixture_dirs
+    for world, extra, msg in (
+        ("1", ["--teacher_ranks", "1"], "distinct ranks"),
+        ("1", ["--teacher_ranks", "0"], "need teacher and student ranks"),
+        ("3", ["--teacher_ranks", "0,1"], "not a multiple"),
+        ("3", ["--teacher_ranks", "0", "--teacher_tp_size", "2"], "tensor-parallel over those ranks"),
+        ("3", ["--teacher_ranks", "0", "--method", "finetune"], "uses no teacher"),
+    ):
+        monkeypatch.setenv("WORLD_SIZE", world)  # checked before any process group exists
+        assert distill_glue.main(_argv(data, teacher, ds, tmp_path / "x", *extra)) == 2
+        assert msg in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from .base import Teacher, TeacherOutput, teacher_inputs
 from .cache import CachedTeacher, build_teacher_cache, fingerprint
 from .ds_inference import DeepSpeedTeacher
+from .hosted import HostedTeacher, serve_teacher
 from .local import LocalTeacher
 from .stream import StreamingTeacher
 
@@ -16,4 +17,6 @@ __all__ = [
     "build_teacher_cache",
     "fingerprint",
     "StreamingTeacher",
+    "HostedTeacher",
+    "serve_teacher",
 ]

@@ -93,6 +93,9 @@ class DeepSpeedTeacher(Teacher):
         already gets the same batch (then each rank gets the whole output back).
     verify_inputs: compare an input checksum across the group before running (two tiny all_reduces).
     pad_token_id: pads shorter micro-batches when gathering (default: the model config's, else 0).
+    group: an existing process group to shard over instead of consecutive blocks of the world (the hosted layout's
+        teacher ranks: ``group=layout.teacher_group``); tp_size is then its size. Only its ranks build the teacher:
+        DeepSpeed's own world collective in ``init_inference`` (an RNG broadcast from rank 0) is run on the group.
     init_inference_kwargs: passed to ``deepspeed.init_inference``.
     Logits come back in fp32, hidden states and attentions in ``dtype``.
     """
@@ -107,6 +110,7 @@ class DeepSpeedTeacher(Teacher):
         gather_inputs: bool = True,
         verify_inputs: bool = True,
         pad_token_id: Optional[int] = None,
+        group=None,
         **init_inference_kwargs,
     ):
         import deepspeed
@@ -120,8 +124,13 @@ class DeepSpeedTeacher(Teacher):
         check_attn_implementation(model, output_attentions)
         dist.init_distributed()
         world = dist.get_world_size()
+        if group is not None:
+            size = dist.get_world_size(group)
+            if tp_size is not None and int(tp_size) != size:
+                raise ValueError(f"DeepSpeedTeacher: tp_size={tp_size} but the given group has {size} ranks")
+            tp_size = size
         tp_size = world if tp_size is None else int(tp_size)
-        if tp_size < 1 or world % tp_size != 0:
+        if tp_size < 1 or (group is None and world % tp_size != 0):
             raise ValueError(f"DeepSpeedTeacher: tp_size={tp_size} must divide the world size {world}")
         heads = getattr(model.config, "num_attention_heads", None)
         if heads is not None and heads % tp_size != 0:
@@ -130,13 +139,21 @@ class DeepSpeedTeacher(Teacher):
                 "(AutoTP shards whole heads)"
             )
         self.tp_size = tp_size
-        self.group = new_tp_groups(tp_size) if tp_size > 1 else None
+        if tp_size == 1:
+            self.group = None
+        else:
+            self.group = group if group is not None else new_tp_groups(tp_size)
         tp = {"tp_size": tp_size}
         if self.group is not None:
             tp.update(tp_group=self.group, mpu=_TPGroup(self.group, tp_size))
-        self.engine = deepspeed.init_inference(
-            freeze(model), tensor_parallel=tp, dtype=dtype, replace_with_kernel_inject=False, **init_inference_kwargs
-        )
+        with dist.default_group(group):
+            self.engine = deepspeed.init_inference(
+                freeze(model),
+                tensor_parallel=tp,
+                dtype=dtype,
+                replace_with_kernel_inject=False,
+                **init_inference_kwargs,
+            )
         self.device = torch.device(get_accelerator().current_device_name())
         self.output_hidden_states = output_hidden_states
         self.output_attentions = output_attentions
