@@ -172,9 +172,7 @@ def measure_latency(model: nn.Module, dev_sets, collator, batch_size: int = 32, 
     return sorted(times)[len(times) // 2]
 
 
-def save_pretrained_atomic(
-    model: nn.Module, tokenizer, path: str, extra: Optional[dict] = None, group=None
-) -> None:
+def save_pretrained_atomic(model: nn.Module, tokenizer, path: str, extra: Optional[dict] = None, group=None) -> None:
     """Save an HF folder (model + tokenizer) that replaces ``path`` only once it is complete. Collective over
     ``group`` (None: all ranks; the hosted layout's student group), whose rank 0 writes; under ZeRO-3 the partitioned
     weights are gathered."""

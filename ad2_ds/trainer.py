@@ -442,13 +442,45 @@ def save_state(engine, ckpt_dir: str, state: TrainState, group=None) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
+def _safe_globals() -> list:
+    """DeepSpeed's plain-data classes that its checkpoints hold (seen: ZeRO 0-3, bf16, offload), nothing else."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _load_weights_only(engine) -> None:
+    """Make the engine unpickle its checkpoint files with ``weights_only=True`` (DeepSpeed's own loader does not), so
+    resuming from a checkpoint cannot run code hidden in it."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    ce = getattr(engine, "checkpoint_engine", None)
+    if type(ce) is not TorchCheckpointEngine:
+        return  # another checkpoint engine (e.g. Nebula): left as configured
+
+    def load(path, map_location=None):
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    ce.load = load
+
+
 def load_state(engine, ckpt_dir: str, group=None) -> TrainState:
+    import pickle
+
     from .dist import default_group
 
     if not os.path.isfile(os.path.join(ckpt_dir, "latest")):
         raise ValueError(f"--resume: no checkpoint under {ckpt_dir}; start without --resume")
-    with default_group(group, engine):
-        path, client = engine.load_checkpoint(ckpt_dir)
+    _load_weights_only(engine)
+    try:
+        with default_group(group, engine):
+            path, client = engine.load_checkpoint(ckpt_dir)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1][:200]
+        raise ValueError(f"--resume: refused to unpickle {ckpt_dir} with weights_only=True ({first})") from None
     if path is None or "ad2_state" not in (client or {}):
         raise ValueError(f"--resume: the checkpoint under {ckpt_dir} could not be loaded")
     state = TrainState(**json.loads(client["ad2_state"]))

@@ -179,3 +179,21 @@ def test_a_rank_that_dies_takes_the_job_down_naming_it(world):
     log = res.stdout + res.stderr
     assert "--local_rank=1" in log and "exits with return code = -9" in log
     assert time.perf_counter() - t0 < 200  # the surviving rank did not hang in a collective
+
+
+def test_sequences_longer_than_the_positions_are_cut_and_counted(world, caplog, no_dist_left):
+    import distill_glue
+
+    tmp, data, teacher, ds = world
+    # the tiny models have 64 positions; one training sentence gets 80 words
+    train = data / "SST-2" / "train.tsv"
+    lines = train.read_text().splitlines()
+    lines[1] = " ".join(["good"] * 80) + "\t1"
+    train.write_text("\n".join(lines) + "\n")
+    argv = _argv(data, teacher, ds, tmp / "long")
+    argv[argv.index("--max_seq_length") + 1] = "100"
+    with caplog.at_level("WARNING"):
+        assert distill_glue.main(argv) == 0
+    assert "exceeds the models' 64 positions: using 64" in caplog.text
+    results = json.loads((tmp / "long" / "results.json").read_text())
+    assert results["truncated"]["train"]["s"] == 1 and results["args"]["max_seq_length"] == 64

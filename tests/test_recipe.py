@@ -285,3 +285,27 @@ def test_teacher_ranks_usage_errors(fixture_dirs, tmp_path, capsys, monkeypatch)
         monkeypatch.setenv("WORLD_SIZE", world)  # checked before any process group exists
         assert distill_glue.main(_argv(data, teacher, ds, tmp_path / "x", *extra)) == 2
         assert msg in capsys.readouterr().err
+
+
+class _Evil:
+    """Unpickling this runs a command: what a tampered checkpoint could carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(fixture_dirs, tmp_path, no_dist_left, capsys):
+    import distill_glue
+
+    data, teacher, ds = fixture_dirs
+    out = tmp_path / "run"
+    assert distill_glue.main(_argv(data, teacher, ds, out, "--num_train_epochs", "1")) == 0
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    marker = tmp_path / "pwned"
+    torch.save({"module": _Evil(marker)}, out / "checkpoints" / tag / "mp_rank_00_model_states.pt")
+    assert distill_glue.main(_argv(data, teacher, ds, out, "--num_train_epochs", "2", "--resume")) == 2
+    assert "refused to unpickle" in capsys.readouterr().err
+    assert not marker.exists()
