@@ -134,7 +134,7 @@ class TrainState:
     samples: int = 0
     teacher_wait_seconds: float = 0.0
     nonfinite_skipped: int = 0
-    rng: Optional[dict] = None
+    rng: Optional[List[dict]] = None  # one RNG state per rank
 
 
 def world(group=None) -> tuple:
@@ -420,13 +420,19 @@ def save_state(engine, ckpt_dir: str, state: TrainState, group=None) -> None:
     ``group``: the ranks the engine trains on; DeepSpeed's world barriers then run on it (see dist.default_group)."""
     from .dist import default_group
 
-    state.rng = _rng_state()
+    # DeepSpeed stores the client state from one rank only: keep every rank's RNG state (dropout differs per rank).
+    rank, world_size = world(group)
+    rngs = [None] * world_size
+    if world_size > 1:
+        dist.all_gather_object(rngs, _rng_state(), group=group)
+    else:
+        rngs = [_rng_state()]
+    state.rng = rngs
     tag = f"global_step{engine.global_steps}"
     with default_group(group, engine):
         engine.save_checkpoint(
             ckpt_dir, tag=tag, client_state={"ad2_state": json.dumps(dataclasses.asdict(state))}, save_latest=False
         )
-    rank, world_size = world(group)
     if world_size > 1:
         dist.barrier(group)
     if rank == 0:
@@ -484,7 +490,13 @@ def load_state(engine, ckpt_dir: str, group=None) -> TrainState:
     if path is None or "ad2_state" not in (client or {}):
         raise ValueError(f"--resume: the checkpoint under {ckpt_dir} could not be loaded")
     state = TrainState(**json.loads(client["ad2_state"]))
-    _set_rng_state(state.rng)
+    rank, world_size = world(group)
+    if len(state.rng) != world_size:
+        raise ValueError(
+            f"--resume: the checkpoint was written by {len(state.rng)} ranks, this run has {world_size}; resume with "
+            f"the same number of ranks (the data order and each rank's random state depend on it)"
+        )
+    _set_rng_state(state.rng[rank])
     logger.info(
         "resumed from %s: epoch %d, micro-step %d, global step %d",
         path,

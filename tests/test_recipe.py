@@ -309,3 +309,20 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(fixture_dirs, tmp_path,
     assert distill_glue.main(_argv(data, teacher, ds, out, "--num_train_epochs", "2", "--resume")) == 2
     assert "refused to unpickle" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_sigterm_on_one_rank_stops_both_at_a_checkpoint_then_resumes(uninterrupted, tmp_path):
+    data, teacher, ds, _ = uninterrupted
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port"]
+    full = _run(_argv(data, teacher, ds, tmp_path / "full2", *COMMON), launcher=launcher + [str(find_free_port())])
+    assert full.returncode == 0, full.stderr[-2000:]
+    # only rank 0 gets SIGTERM after 3 micro-steps; rank 1 learns it through the per-step flag all-reduce
+    out = tmp_path / "term2"
+    hit = _run(_argv(data, teacher, ds, out, *COMMON), {"AD2_FAULT": "term@3:0"}, launcher + [str(find_free_port())])
+    assert hit.returncode != 0
+    assert (out / "checkpoints" / "latest").read_text().strip() == "global_step2"  # the next optimizer step
+    resumed = _run(_argv(data, teacher, ds, out, *COMMON, "--resume"), launcher=launcher + [str(find_free_port())])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    tag_a, a = _final_weights(tmp_path / "full2")
+    tag_b, b = _final_weights(out)
+    assert tag_a == tag_b and all(torch.equal(a[k], b[k]) for k in a)
