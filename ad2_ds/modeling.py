@@ -83,6 +83,77 @@ class EmbeddingTap:
         self.remove()
 
 
+PREDROPOUT_ATTENTION = "ad2_eager"
+
+
+def _eager_attention_predropout(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager attention that returns the attention probabilities *before* dropout (Hugging Face's eager returns them
+    after: in train mode ~p of every row is 0, so a KL to the teacher's map has a floor of noise with no gradient).
+    The output still uses the dropped-out weights, so training is unchanged. query/key/value: [B, heads, T, d]."""
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = nn.functional.softmax(scores, dim=-1)
+    dropped = nn.functional.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(dropped, value).transpose(1, 2).contiguous(), probs
+
+
+def use_predropout_attention(model: nn.Module) -> str:
+    """Make ``model`` return pre-dropout attention maps, and check it on a probe forward in train mode.
+
+    Models that route attention through transformers' AttentionInterface get :func:`_eager_attention_predropout`
+    (same outputs as eager, bit for bit). Others get their attention-probability dropout set to 0 (a warning says so).
+    Returns what was done: "interface" or "no-dropout".
+    """
+    import logging
+
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    model = unwrap_model(model)
+    AttentionInterface.register(PREDROPOUT_ATTENTION, _eager_attention_predropout)
+    AttentionMaskInterface.register(PREDROPOUT_ATTENTION, eager_mask)
+    if hasattr(model, "set_attn_implementation"):
+        try:
+            model.set_attn_implementation(PREDROPOUT_ATTENTION)
+        except (ValueError, KeyError):
+            model.set_attn_implementation("eager")
+    if _attention_rows_are_distributions(model):
+        return "interface"
+    for module in model.modules():
+        drop = getattr(module, "dropout", None)
+        if "Attention" in type(module).__name__ and isinstance(drop, nn.Dropout):
+            drop.p = 0.0
+    if not _attention_rows_are_distributions(model):
+        raise ValueError(
+            f"{type(model).__name__} returns no attention probabilities in train mode; use w_attention=0 "
+            "(hidden-state deep KD only)"
+        )
+    logging.getLogger(__name__).warning(
+        "%s: attention dropout set to 0 so that attention KD compares probability maps", type(model).__name__
+    )
+    return "no-dropout"
+
+
+@torch.no_grad()
+def _attention_rows_are_distributions(model: nn.Module) -> bool:
+    """A train-mode probe forward (its own RNG, restored after): do the returned attention rows sum to 1?"""
+    was_training = model.training
+    device = next(model.parameters()).device
+    ids = torch.arange(4, device=device).unsqueeze(0) % model.config.vocab_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model.train()
+        try:
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_attentions=True)
+        finally:
+            model.train(was_training)
+    maps = out.attentions or ()
+    return bool(maps) and all(torch.allclose(a.float().sum(-1), torch.ones(()), atol=1e-3) for a in maps)
+
+
 def find_layer_list(model: nn.Module) -> nn.ModuleList:
     """The ModuleList of transformer layers (encoder.layer, transformer.layer, ...): the longest one whose length is
     the configured depth."""

@@ -26,7 +26,15 @@ from torch import nn
 from .config import AD2Config
 from .losses import LOSSES, hard_loss, kd_loss
 from .matching import MatchSpec, build_matches
-from .modeling import EmbeddingTap, accepted_inputs, find_embedding_module, model_inputs, num_layers, unwrap_model
+from .modeling import (
+    EmbeddingTap,
+    accepted_inputs,
+    find_embedding_module,
+    model_inputs,
+    num_layers,
+    unwrap_model,
+    use_predropout_attention,
+)
 from .perturb import per_example_norm, pga_perturbation
 from .teachers.base import TEACHER_PREFIX, TeacherOutput
 
@@ -56,7 +64,7 @@ class AD2Objective(nn.Module):
         self.last_delta: Optional[torch.Tensor] = None
         self._warned = False
         if self.config.needs_attentions:
-            _ensure_eager_attention(inner)
+            use_predropout_attention(inner)  # HF returns post-dropout maps: noise with no gradient in a KL
 
         self.matches: Optional[List[MatchSpec]] = None
         self.projections = nn.ModuleDict()
@@ -328,14 +336,3 @@ def _layer(seq, index: int, what: str) -> torch.Tensor:
     if value is None:
         raise ValueError(f"the teacher output has no {what}[{index}], which the layer map needs")
     return value
-
-
-def _ensure_eager_attention(model: nn.Module) -> None:
-    """Attention maps come back only with eager attention; switch to it (sdpa/flash return none)."""
-    impl = getattr(model.config, "_attn_implementation", "eager")
-    if impl == "eager":
-        return
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("eager")
-        return
-    raise ValueError(f"attention KD needs eager attention; load the student with attn_implementation='eager' ({impl})")

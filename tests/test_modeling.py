@@ -90,3 +90,35 @@ def test_student_equals_teacher_prefix_for_bottom_full_depth():
         a = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         b = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert torch.equal(a, b)
+
+
+def test_attention_kd_sees_pre_dropout_maps_and_training_is_unchanged():
+    from ad2_ds.modeling import use_predropout_attention
+
+    batch = random_batch()
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_attentions=True)
+    eager = tiny_bert(seed=3).train()
+    ours = tiny_bert(seed=3).train()
+    assert use_predropout_attention(ours) == "interface"
+    torch.manual_seed(0)
+    a = eager(**inputs)
+    torch.manual_seed(0)
+    b = ours(**inputs)
+    assert torch.equal(a.logits, b.logits)  # same dropout, same outputs: training is unchanged
+    rows = b.attentions[0].sum(-1)[batch["attention_mask"].bool().unsqueeze(1).expand(-1, 4, -1)]
+    assert torch.allclose(rows, torch.ones_like(rows), atol=1e-5)  # probabilities, not dropped-out weights
+    assert a.attentions[0].sum(-1).max() > 1.05  # HF's eager returns post-dropout maps (rows scaled by 1/(1-p))
+    ours.eval(), eager.eval()
+    with torch.no_grad():
+        assert all(torch.equal(x, y) for x, y in zip(eager(**inputs).attentions, ours(**inputs).attentions))
+
+
+@pytest.mark.parametrize("family", ["distilbert", "mpnet"])
+def test_pre_dropout_attention_on_other_families(family):
+    from ad2_ds.modeling import _attention_rows_are_distributions, use_predropout_attention
+
+    cfg = _configs()[family]
+    cfg._attn_implementation = "eager"
+    model = AutoModelForSequenceClassification.from_config(cfg)
+    assert use_predropout_attention(model) in ("interface", "no-dropout")
+    assert _attention_rows_are_distributions(model)

@@ -92,8 +92,8 @@ def test_fast_path_runs_fewer_student_forwards(setup):
     calls = []
     handle = student.register_forward_pre_hook(lambda *a: calls.append(1))
     for fast, expected in ((True, 2), (False, 3)):
-        calls.clear()
         obj = AD2Objective(student, AD2Config(method="ad2", fast_pga=fast), teacher.config)
+        calls.clear()  # count the step's forwards, not the construction's attention probe
         obj(batch, t)
         obj._tap.remove()
         assert len(calls) == expected
