@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .data.glue import example_lengths
 from .teachers.base import Teacher
 
 logger = logging.getLogger(__name__)
@@ -175,14 +176,13 @@ def epoch_batches(
 
 
 def _length_grouped(lengths: Sequence[int], global_bs: int, g: torch.Generator, mega: int = 32) -> List[int]:
-    # Shuffle, sort by length inside mega-batches of `mega` global batches, then shuffle the batches: each batch
-    # holds similar lengths (little padding), while batch order and membership stay random.
-    perm = torch.randperm(len(lengths), generator=g).tolist()
-    chunk = global_bs * mega
-    batches = []
-    for start in range(0, len(perm), chunk):
-        part = sorted(perm[start : start + chunk], key=lambda i: -lengths[i])
-        batches += [part[i : i + global_bs] for i in range(0, len(part), global_bs)]
+    # Batches of similar length (little padding) from the data layer's grouping, then the whole batches shuffled, so
+    # long and short batches alternate at random instead of running long-to-short inside each mega-batch.
+    from .data.glue import length_grouped_indices
+
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+    order = length_grouped_indices(lengths, global_bs, seed, mega_batch_mult=mega)
+    batches = [order[i : i + global_bs] for i in range(0, len(order), global_bs)]
     tail = batches.pop() if len(batches) > 1 and len(batches[-1]) < global_bs else None
     batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
     return [i for b in batches + ([tail] if tail else []) for i in b]
@@ -292,7 +292,7 @@ def train(
     micro_bs = engine.train_micro_batch_size_per_gpu()
     gas = engine.gradient_accumulation_steps()
     ckpt_dir = os.path.join(cfg.output_dir, CKPT_DIR)
-    lengths = [len(x) for x in train_ds["input_ids"]] if cfg.group_by_length else None
+    lengths = example_lengths(train_ds) if cfg.group_by_length else None
     n_micro = len(epoch_batches(len(train_ds), micro_bs, cfg.seed, 0, rank, world_size, grad_accum=gas))
     state = TrainState()
     if resume:
