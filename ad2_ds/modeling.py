@@ -13,7 +13,7 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import nn
 
-from .teachers.base import MODEL_INPUT_KEYS
+from .batch import MODEL_INPUT_KEYS
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

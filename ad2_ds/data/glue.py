@@ -31,12 +31,11 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from ad2_ds.batch import MODEL_INPUT_KEYS, TEACHER_PREFIX
 from ad2_ds.data.tasks import TaskSpec, get_task
 
 logger = logging.getLogger(__name__)
 
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-TEACHER_PREFIX = "teacher_"
 TEXT_COLUMNS = ("text_a", "text_b")
 HF_GLUE = "nyu-mll/glue"
 # our split names → the hub's

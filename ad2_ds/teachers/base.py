@@ -11,8 +11,7 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-TEACHER_PREFIX = "teacher_"
+from ..batch import MODEL_INPUT_KEYS, TEACHER_PREFIX  # noqa: F401  (re-exported)
 
 
 @dataclass

@@ -25,8 +25,9 @@ import torch
 import torch.distributed as tdist
 
 from .. import dist
+from ..modeling import accepted_inputs
 from .base import Teacher, TeacherOutput
-from .local import check_attn_implementation, forward_arg_names, freeze, model_inputs
+from .local import check_attn_implementation, freeze, model_inputs
 
 
 class _TPGroup:
@@ -164,7 +165,7 @@ class DeepSpeedTeacher(Teacher):
         if pad_token_id is None:
             pad_token_id = getattr(model.config, "pad_token_id", None)
         self.pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
-        self._accepted = forward_arg_names(model)
+        self._accepted = accepted_inputs(model)
 
     def _gather_heads(self, attn: torch.Tensor) -> torch.Tensor:
         # attn: [B, heads / tp, T, T] -> [B, heads, T, T]; AutoTP gives group rank r the r-th contiguous block.

@@ -5,19 +5,12 @@ The model is put in eval mode with ``requires_grad=False`` and run under ``torch
 tensors cannot be saved for backward).
 """
 
-import inspect
 from typing import Dict, Mapping, Optional
 
 import torch
 
+from ..modeling import accepted_inputs
 from .base import Teacher, TeacherOutput, teacher_inputs
-
-
-def forward_arg_names(model: torch.nn.Module) -> frozenset:
-    """The named arguments of ``model.forward`` (``**kwargs`` is not counted: HF models take it but would route an
-    unknown ``token_type_ids`` into attention kwargs instead of rejecting it)."""
-    params = inspect.signature(model.forward).parameters.values()
-    return frozenset(p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
 
 
 def model_inputs(batch: Mapping[str, torch.Tensor], accepted: frozenset, device=None) -> Dict[str, torch.Tensor]:
@@ -69,7 +62,7 @@ class LocalTeacher(Teacher):
         self.output_attentions = output_attentions
         self.num_labels = model.config.num_labels
         self.hidden_size = getattr(model.config, "hidden_size", None)
-        self._accepted = forward_arg_names(model)
+        self._accepted = accepted_inputs(model)
 
     @torch.no_grad()
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> TeacherOutput:
