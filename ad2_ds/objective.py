@@ -63,6 +63,14 @@ class AD2Objective(nn.Module):
         self._n_labels_s = inner.config.num_labels
         self.last_delta: Optional[torch.Tensor] = None
         self._warned = False
+        cfg = self.config
+        if cfg.adversarial and not cfg.random_start and cfg.step_size * cfg.pga_steps < cfg.epsilon:
+            logger.warning(
+                "AD2: K steps of size eta reach at most |delta| = %g < epsilon = %g; raise step_size (eta >= "
+                "epsilon / K) for the ball to matter",
+                cfg.step_size * cfg.pga_steps,
+                cfg.epsilon,
+            )
         if self.config.needs_attentions:
             use_predropout_attention(inner)  # HF returns post-dropout maps: noise with no gradient in a KL
 
