@@ -257,8 +257,8 @@ class AD2Objective(nn.Module):
             self._warned = True
             logger.warning(
                 "AD2: only %.0f%% of the perturbation (epsilon=%g) survives being added to the %s embedding output; "
-                "the adversarial sample is nearly the clean one. Raise --epsilon (e.g. >= 1e-2 in bf16/fp16) or "
-                "train in fp32.",
+                "the adversarial sample is nearly the clean one. Raise --epsilon and --step_size together (e.g. both "
+                ">= 1e-2 in bf16/fp16) or train in fp32.",
                 100 * ratio,
                 self.config.epsilon,
                 dtype,
