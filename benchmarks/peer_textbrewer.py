@@ -226,9 +226,9 @@ def e2e_textbrewer(args) -> dict:
 
 
 def e2e_ad2ds_command(args, out_dir, cache_dir):
-    return [sys.executable, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes",
-                                         "distill_glue.py"),
-            "--deepspeed", "ds_configs/zero2.json", "--task", "movie-polarity", "--method", "kd",
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return [sys.executable, os.path.join(repo, "recipes", "distill_glue.py"),
+            "--deepspeed", os.path.join(repo, "ds_configs", "zero2.json"), "--task", "movie-polarity", "--method", "kd",
             "--teacher", args.teacher, "--teacher_cache", cache_dir, "--output_dir", out_dir, "--no_progress",
             "--num_train_epochs", str(args.epochs), "--seed", str(args.seed), "--max_seq_length",
             str(args.max_seq_length)]
@@ -241,7 +241,7 @@ def e2e(args) -> dict:
     runs = {"ad2ds": [], "textbrewer": []}
     for rep in range(args.e2e_repeats):
         for name in (("ad2ds", "textbrewer") if rep % 2 == 0 else ("textbrewer", "ad2ds")):
-            q0 = quiet()
+            q0 = quiet()  # checked before our own recipe process starts (it matches the pattern too)
             t0 = time.perf_counter()
             if name == "ad2ds":
                 work = tempfile.mkdtemp(prefix="ad2-e2e-")
@@ -292,7 +292,7 @@ def environment(threads) -> dict:
             ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
     except (StopIteration, OSError):
         cpu = platform.processor()
-    busy = subprocess.run(["pgrep", "-f", "distill_glue"], capture_output=True, text=True).stdout.split()
+    busy = subprocess.run(["pgrep", "-f", "distill_glue|sweep_glue"], capture_output=True, text=True).stdout.split()
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "deepspeed": deepspeed.__version__,
             "textbrewer": tb, "distill_glue_processes_at_end": len(busy),
@@ -300,7 +300,8 @@ def environment(threads) -> dict:
 
 
 def quiet() -> bool:
-    return not subprocess.run(["pgrep", "-f", "distill_glue"], capture_output=True, text=True).stdout.strip()
+    """No other training job: no ``distill_glue`` run and no ``sweep_glue`` driver (which starts them one by one)."""
+    return not subprocess.run(["pgrep", "-f", "distill_glue|sweep_glue"], capture_output=True, text=True).stdout.strip()
 
 
 def main(argv=None):
