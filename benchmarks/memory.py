@@ -22,10 +22,10 @@ phases so every phase gets its own peak:
 
 Parameter bytes per rank are summed over the tensors the rank really holds after wrapping (numel x element_size,
 each storage counted once, so tied embeddings count once). The student part builds a 3-layer MiniLM-shaped BERT,
-wraps it in ``AD2Objective(method="kd")`` and a 2-rank DeepSpeed engine (torch AdamW, ``zero_allow_untested_optimizer``)
-at ZeRO-0 and ZeRO-2, takes one step, and sums the optimizer's state tensors (exp_avg, exp_avg_sq, step) and the
-fp32 master partitions it steps (ZeRO-2's flat fp32 copy; at ZeRO-0 torch AdamW steps the model's own parameters,
-which are not counted again).
+wraps it in ``AD2Objective(method="kd")`` and a 2-rank DeepSpeed engine (torch AdamW,
+``zero_allow_untested_optimizer``) at ZeRO-0 and ZeRO-2, fp32 and bf16, takes one step, and sums the optimizer's
+state tensors (exp_avg, exp_avg_sq, step) and the fp32 master partitions it steps (ZeRO's flat fp32 partition, bf16's
+fp32 copy; at ZeRO-0 fp32 torch AdamW steps the model's own parameters, which are not counted again).
 """
 import argparse
 import datetime
@@ -144,7 +144,8 @@ def _teacher_rank(rank, world_size, teacher, dtype_name, batch_size, seq_len):
 
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand glibc's freed-but-kept heap back: what is left is really held
     meter.mark("trimmed")
-    return {"forward_error": error, "points": meter.points, "param_bytes": params, "buffer_bytes": buffers, "params_full": n_params_full,
+    return {"forward_error": error, "points": meter.points, "param_bytes": params, "buffer_bytes": buffers,
+            "params_full": n_params_full,
             "params_held": sum(p.numel() for p in module.parameters()), "output_bytes": out_bytes,
             "forward_s": round(fwd_s, 2)}
 
@@ -257,7 +258,8 @@ def main(argv=None):
                        "wrap_peak_mib": round(pts["wrap"]["peak_mib"]),
                        "wrapped_rss_mib": round(pts["wrap"]["rss_mib"]),
                        "steady_rss_mib": round(pts["after"]["rss_mib"]),
-                       "base_anon_mib": round(pts["base"]["anon_mib"]), "base_file_mib": round(pts["base"]["file_mib"]),
+                       "base_anon_mib": round(pts["base"]["anon_mib"]),
+                       "base_file_mib": round(pts["base"]["file_mib"]),
                        "steady_anon_increment_mib": round(pts["after"]["anon_mib"] - pts["base"]["anon_mib"]),
                        "trimmed_anon_increment_mib": round(pts["trimmed"]["anon_mib"] - pts["base"]["anon_mib"]),
                        "steady_file_increment_mib": round(pts["after"]["file_mib"] - pts["base"]["file_mib"]),
@@ -281,8 +283,9 @@ def main(argv=None):
     if not args.no_student:
         for sdtype, stage in ((d, s) for d in args.student_dtypes.split(",") for s in (0, 2)):
             try:
-                ranks = launch(_student_rank, world_size=2, args=(stage, args.student_batch_size, args.seq_len, sdtype),
-                               timeout_s=args.timeout_s, start_method="spawn")
+                ranks = launch(_student_rank, world_size=2,
+                               args=(stage, args.student_batch_size, args.seq_len, sdtype), timeout_s=args.timeout_s,
+                               start_method="spawn")
             except RuntimeError as e:
                 msg = str(e).splitlines()[0][:500]
                 print(f"ZeRO-{stage} {sdtype}: FAILED: {msg}", flush=True)
@@ -296,7 +299,8 @@ def main(argv=None):
                        "state_mib": round(_mib(o["state_bytes"]), 1),
                        "state_mib_by_key": {k: round(_mib(v), 2) for k, v in o["state_bytes_by_key"].items()},
                        "master_mib": round(_mib(o["master_bytes"]), 1), "master_numel": o["master_numel"],
-                       "base_rss_mib": round(pts["base"]["rss_mib"]), "after_step_rss_mib": round(pts["step"]["rss_mib"]),
+                       "base_rss_mib": round(pts["base"]["rss_mib"]),
+                       "after_step_rss_mib": round(pts["step"]["rss_mib"]),
                        "step_peak_mib": round(pts["step"]["peak_mib"])}
                 student_rows.append(row)
                 print(f"ZeRO-{stage} {sdtype} rank {rank}: {row['optimizer']}: state {row['state_mib']} MiB "
@@ -310,7 +314,8 @@ def main(argv=None):
           f"{'wrap peak':>11}{'fwd peak':>10}{'peak +':>8}{'anon +':>8}{'file +':>8}{'trim anon +':>12}")
     for r in teacher_rows:
         print(f"{r['teacher']:<11}{r['dtype']:<6}{r['tp']:>3}{r['param_mib']:>12.1f}{r['base_rss_mib']:>7}"
-              f"{r['steady_increment_mib']:>10}{r['load_peak_mib']:>11}{r['wrap_peak_mib']:>11}{r['forward_peak_mib']:>10}"
+              f"{r['steady_increment_mib']:>10}{r['load_peak_mib']:>11}{r['wrap_peak_mib']:>11}"
+              f"{r['forward_peak_mib']:>10}"
               f"{r['peak_increment_mib']:>8}{r['steady_anon_increment_mib']:>8}{r['steady_file_increment_mib']:>8}"
               f"{r['trimmed_anon_increment_mib']:>12}" + ("  forward failed" if r["forward_error"] else ""))
     if student_rows:
@@ -319,9 +324,11 @@ def main(argv=None):
             if "error" in r:
                 print(f"ZeRO-{r['stage']} {r['dtype']}: failed: {r['error']}")
                 continue
-            print(f"ZeRO-{r['stage']} {r['dtype']} rank {r['rank']}: state {r['state_mib']:>6.1f}  fp32 master {r['master_mib']:>6.1f}"
+            print(f"ZeRO-{r['stage']} {r['dtype']} rank {r['rank']}: state {r['state_mib']:>6.1f}  "
+                  f"fp32 master {r['master_mib']:>6.1f}"
                   f"  total {r['state_mib'] + r['master_mib']:>6.1f}  (model params {r['model_param_mib']})")
-    result = {"command": "PYTHONPATH=. python benchmarks/memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    cmd_args = sys.argv[1:] if argv is None else argv
+    result = {"command": "PYTHONPATH=. python benchmarks/memory.py " + " ".join(cmd_args),
               "environment": env, "teachers": TEACHERS, "teacher_rows": teacher_rows, "student_rows": student_rows}
     if args.json_out:
         os.makedirs(os.path.dirname(args.json_out) or ".", exist_ok=True)

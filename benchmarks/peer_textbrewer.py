@@ -109,8 +109,7 @@ def make_textbrewer(student, teacher, batches, temperature, lr, general: bool):
         return {"logits": out.logits, "losses": out.loss}
 
     cls = textbrewer.GeneralDistiller if general else textbrewer.BasicDistiller
-    kw = {} if general else {}
-    distiller = cls(train_config, distill_config, teacher, student, adaptor_t, adaptor_s, **kw)
+    distiller = cls(train_config, distill_config, teacher, student, adaptor_t, adaptor_s)
     distiller.save_and_callback = lambda *a, **k: None  # no checkpoint file inside the timing
     opt = torch.optim.AdamW(student.parameters(), lr=lr)
     it = Cycle(batches)
@@ -228,7 +227,8 @@ def e2e_textbrewer(args) -> dict:
 def e2e_ad2ds_command(args, out_dir, cache_dir):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return [sys.executable, os.path.join(repo, "recipes", "distill_glue.py"),
-            "--deepspeed", os.path.join(repo, "ds_configs", "zero2.json"), "--task", "movie-polarity", "--method", "kd",
+            "--deepspeed", os.path.join(repo, "ds_configs", "zero2.json"),
+            "--task", "movie-polarity", "--method", "kd",
             "--teacher", args.teacher, "--teacher_cache", cache_dir, "--output_dir", out_dir, "--no_progress",
             "--num_train_epochs", str(args.epochs), "--seed", str(args.seed), "--max_seq_length",
             str(args.max_seq_length)]
@@ -252,7 +252,10 @@ def e2e(args) -> dict:
                     raise RuntimeError(f"ad2-ds recipe failed ({proc.returncode}): {proc.stderr[-3000:]}")
                 with open(os.path.join(work, "run", "results.json")) as f:
                     res = json.load(f)
-                row = {"history": res["history"], "best_accuracy": res["best"]["accuracy"],
+                import re
+
+                log = [ln for ln in proc.stderr.splitlines() if re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ", ln)]
+                row = {"log": log, "history": res["history"], "best_accuracy": res["best"]["accuracy"],
                        "last_accuracy": res["history"][-1]["accuracy"],
                        "train_seconds": round(res["train_seconds"], 1),
                        "samples_per_second": round(res["samples_per_second"], 2),
@@ -301,7 +304,8 @@ def environment(threads) -> dict:
 
 def quiet() -> bool:
     """No other training job: no ``distill_glue`` run and no ``sweep_glue`` driver (which starts them one by one)."""
-    return not subprocess.run(["pgrep", "-f", "distill_glue|sweep_glue"], capture_output=True, text=True).stdout.strip()
+    busy = subprocess.run(["pgrep", "-f", "distill_glue|sweep_glue"], capture_output=True, text=True).stdout
+    return not busy.strip()
 
 
 def main(argv=None):
