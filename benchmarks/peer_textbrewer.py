@@ -345,8 +345,12 @@ def main(argv=None):
         return
     from ad2_ds.dist import init_distributed, setup_single_process_env
 
+    # setup_single_process_env sets torch's thread count to cores // ranks when OMP_NUM_THREADS is unset, undoing the
+    # set_num_threads above: pin both
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
     setup_single_process_env()
     init_distributed()
+    torch.set_num_threads(args.threads)
     import logging
 
     logging.getLogger("Distillation").setLevel(logging.WARNING)  # TextBrewer's per-call info lines
@@ -376,6 +380,8 @@ def main(argv=None):
             runs.pop(name, None)
             print(f"{name}: FAILED: {errors[name]}", flush=True)
     live = list(runs)
+    if torch.get_num_threads() != args.threads:
+        raise RuntimeError(f"torch runs {torch.get_num_threads()} threads, not --threads {args.threads}")
     print(f"batch {args.batch_size}x{args.seq_len} fixed length, {args.threads} thread(s), T={args.temperature}; "
           f"{args.rounds} rounds x {args.steps} steps; quiet machine at start: {quiet()}", flush=True)
     per_round = {n: [] for n in live}
