@@ -211,7 +211,9 @@ def slice_for_rank(
     x = x[start : start + info.sizes[rank]]
     for d in seq_dims:
         x = x.narrow(d, 0, info.lengths[rank])
-    return x
+    # A copy: a view would keep the whole group's gathered tensor alive as long as this rank's output lives (in a
+    # streaming queue, one or two batches ahead), doubling the memory a TP=2 teacher's hidden states take.
+    return x.clone()
 
 
 def assign_teacher_ranks(teacher_ranks: Sequence[int], student_ranks: Sequence[int]) -> Dict[int, int]:

@@ -139,6 +139,13 @@ class DeepSpeedTeacher(Teacher):
                 f"DeepSpeedTeacher: tp_size={tp_size} must divide the teacher's {heads} attention heads "
                 "(AutoTP shards whole heads)"
             )
+        if tp_size > 1 and any("relative_attention_bias" in name for name, _ in model.named_modules()):
+            # MPNet-style: one relative-position bias for all heads, computed outside the attention modules that
+            # AutoTP shards; the forward would fail at the first batch with a head-count mismatch.
+            raise ValueError(
+                f"DeepSpeedTeacher: {type(model).__name__} adds a relative-position bias over all heads that AutoTP "
+                "does not shard; run this teacher with tp_size=1 (--teacher_tp_size 1)"
+            )
         self.tp_size = tp_size
         if tp_size == 1:
             self.group = None
