@@ -21,5 +21,6 @@ setup(
         "safetensors",
         "tqdm",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    # bench: benchmarks/plot_results.py; the TextBrewer peer is installed with --no-deps (see docs/RESULTS.md)
+    extras_require={"test": ["pytest>=7"], "bench": ["matplotlib", "tensorboardX"]},
 )
