@@ -186,6 +186,10 @@ def execute(args, run) -> dict:
         with open(path, "w") as f:
             json.dump(ds, f, indent=2)
     env = dict(os.environ)
+    # Each run is its own job: a rendezvous left in this process's environment (RANK, MASTER_PORT, ... from a launcher
+    # or an in-process run) would make it join a stale group or bind a port in use.
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
     start = time.time()
     with open(os.path.join(out, "log.txt"), "a") as log:
