@@ -226,7 +226,7 @@ def predict(model, dataset, collator, batch_size: int, device=None, group=None) 
     n = len(dataset)
     shard = list(range(rank, n, world_size))
     n_batches = math.ceil(math.ceil(n / world_size) / batch_size)
-    from .modeling import accepted_inputs
+    from .modeling import accepted_inputs, model_inputs
 
     accepted = accepted_inputs(model)
     was_training = model.training
@@ -235,7 +235,7 @@ def predict(model, dataset, collator, batch_size: int, device=None, group=None) 
     for b in range(n_batches):
         ids = shard[b * batch_size : (b + 1) * batch_size]
         batch = collator([dataset[i] for i in (ids or [0])])
-        inputs = {k: v.to(device) if device else v for k, v in batch.items() if k in accepted}
+        inputs = {k: v.to(device) if device else v for k, v in model_inputs(batch, accepted).items()}
         logits = model(**inputs).logits.float().cpu()
         if ids:
             positions += ids

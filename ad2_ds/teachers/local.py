@@ -10,13 +10,14 @@ from typing import Dict, Mapping, Optional
 import torch
 
 from ..modeling import accepted_inputs
+from ..modeling import model_inputs as modeling_inputs
 from .base import Teacher, TeacherOutput, teacher_inputs
 
 
 def model_inputs(batch: Mapping[str, torch.Tensor], accepted: frozenset, device=None) -> Dict[str, torch.Tensor]:
     """:func:`teacher_inputs` restricted to what the model's forward accepts (DistilBERT/MPNet have no
     token_type_ids), moved to ``device``."""
-    inputs = {k: v for k, v in teacher_inputs(batch).items() if k in accepted}
+    inputs = modeling_inputs(teacher_inputs(batch), accepted)
     if device is not None:
         inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
     return inputs
