@@ -82,6 +82,12 @@ def parse_args(argv=None):
     )
     p.add_argument("--no_group_by_length", action="store_true")
     p.add_argument("--teacher_epochs", type=int, default=3, help="epochs when fine-tuning the default teacher")
+    p.add_argument(
+        "--teacher_seed",
+        type=int,
+        default=42,
+        help="seed when fine-tuning the default teacher (fixed, so a sweep over --seed shares one teacher)",
+    )
     p.add_argument("--trust_remote_code", action="store_true")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)

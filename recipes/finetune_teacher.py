@@ -37,7 +37,7 @@ def default_teacher_dir(args, task) -> str:
 
     key = (
         f"{task.name}-{DEFAULT_MODEL}-n{args.max_train_samples}-len{args.max_seq_length}"
-        f"-e{args.teacher_epochs}-s{args.seed}"
+        f"-e{args.teacher_epochs}-s{args.teacher_seed}"
     )
     if args.data_dir:
         key += "-" + os.path.abspath(args.data_dir).strip("/").replace("/", "_")
@@ -77,7 +77,7 @@ def ensure_default_teacher(args, task) -> str:
         "--max_seq_length",
         str(args.max_seq_length),
         "--seed",
-        str(args.seed),
+        str(args.teacher_seed),
     ]
     if args.data_dir:
         argv += ["--data_dir", args.data_dir]

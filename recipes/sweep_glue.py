@@ -16,7 +16,8 @@
         --data_dir glue_data --student_layers skip:6 --max_train_samples 0 --epsilon 1e-5 --teacher_dtype fp16
 
 (the grid values above are an example: use the grid your paper or budget gives; with fp16 read the README's note on
-epsilon.) Any flag this script does not know is passed to every run of ``recipes/distill_glue.py`` unchanged
+epsilon. To grid over the radius, ``--epsilons 1e-5 1e-3 0.1 --step_size_ratio 1`` gives each run η = ε, so its one
+PGA step reaches the ball's surface.) Any flag this script does not know is passed to every run of ``recipes/distill_glue.py`` unchanged
 (``--teacher --student_layers --epsilon --max_train_samples --num_train_epochs --w_attention --layer_map ...``); the
 ones the sweep owns (``--task --method --seed --output_dir --deepspeed``) are refused there.
 
@@ -64,6 +65,13 @@ def parse_args(argv=None):
         "--epsilons", nargs="+", type=float, help="also grid over epsilon (default: one value, from the pass-through)"
     )
     p.add_argument(
+        "--step_size_ratio",
+        type=float,
+        metavar="R",
+        help="with --epsilons: each run's PGA step size is R x its epsilon (R = 1/K lets K steps reach the ball's "
+        "surface; a fixed --step_size caps |delta| at K x step_size whatever epsilon is)",
+    )
+    p.add_argument(
         "--teacher_template", help="per-task teacher, e.g. 'teachers/{task}/best' (instead of one --teacher)"
     )
     p.add_argument("--teacher_cache", metavar="DIR", help="root of per-(task, method) teacher caches")
@@ -88,6 +96,13 @@ def parse_args(argv=None):
             p.error(f"{flag} is set by the sweep; use --tasks/--methods/--seeds/--sweep_dir/--deepspeed")
     if args.teacher_template and any(f.split("=")[0] == "--teacher" for f in passthrough):
         p.error("pass --teacher or --teacher_template, not both")
+    if args.step_size_ratio is not None:
+        if not args.epsilons:
+            p.error("--step_size_ratio scales each grid epsilon: give --epsilons too")
+        if args.step_size_ratio <= 0:
+            p.error(f"--step_size_ratio must be > 0, got {args.step_size_ratio:g}")
+        if any(f.split("=")[0] == "--step_size" for f in passthrough):
+            p.error("pass --step_size or --step_size_ratio, not both")
     return args, passthrough
 
 
@@ -140,6 +155,8 @@ def plan(args, passthrough):
                                 argv += ["--teacher", args.teacher_template.format(task=task)]
                             if eps is not None:
                                 argv += ["--epsilon", str(eps)]
+                                if args.step_size_ratio is not None:
+                                    argv += ["--step_size", str(args.step_size_ratio * eps)]
                             argv += passthrough
                             runs.append(dict(task=task, method=method, config=cname, seed=seed, lr=lr, bs=bs,
                                              epsilon=eps, out=out, argv=argv))  # fmt: skip

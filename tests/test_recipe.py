@@ -326,3 +326,19 @@ def test_sigterm_on_one_rank_stops_both_at_a_checkpoint_then_resumes(uninterrupt
     tag_a, a = _final_weights(tmp_path / "full2")
     tag_b, b = _final_weights(out)
     assert tag_a == tag_b and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_default_teacher_is_shared_by_student_seeds(monkeypatch, tmp_path):
+    """A sweep over --seed must distil from one default teacher, not fine-tune one per student seed."""
+    import distill_glue
+    from finetune_teacher import default_teacher_dir
+
+    from ad2_ds.data.tasks import get_task
+
+    monkeypatch.setenv("AD2_CACHE", str(tmp_path))
+    task = get_task("movie-polarity")
+    base = ["--deepspeed", str(ROOT / "ds_configs" / "zero2.json")]
+    dirs = {s: default_teacher_dir(distill_glue.parse_args(base + ["--seed", s]), task) for s in ("42", "43")}
+    assert dirs["42"] == dirs["43"] and dirs["42"].endswith("-s42")
+    other = default_teacher_dir(distill_glue.parse_args(base + ["--seed", "43", "--teacher_seed", "7"]), task)
+    assert other.endswith("-s7")

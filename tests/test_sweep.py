@@ -57,6 +57,35 @@ def test_best_config_is_picked_by_median_over_seeds_not_by_max(tmp_path):
     assert "| kd | lr0.0001-bs16 | 0.5200 | [0.5000-0.9500] | 3 |" in table  # the full grid is listed too
 
 
+def test_step_size_ratio_gives_each_epsilon_its_own_step_size(tmp_path):
+    import sweep_glue
+
+    base = ["--sweep_dir", str(tmp_path), "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"), "--methods", "ad2",
+            "--seeds", "1"]  # fmt: skip
+    args, passthrough = sweep_glue.parse_args(base + ["--epsilons", "1e-3", "0.1", "--step_size_ratio", "1"])
+    runs = sweep_glue.plan(args, passthrough)
+    got = [(r["config"], float(r["argv"][r["argv"].index("--step_size") + 1])) for r in runs]
+    assert got == [("lr0.0001-bs16-eps0.001", 1e-3), ("lr0.0001-bs16-eps0.1", 0.1)]
+    args, passthrough = sweep_glue.parse_args(base + ["--epsilons", "1e-3"])  # without the ratio: no --step_size
+    assert "--step_size" not in sweep_glue.plan(args, passthrough)[0]["argv"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--step_size_ratio", "1"], "give --epsilons too"),
+        (["--epsilons", "0.1", "--step_size_ratio", "0"], "must be > 0"),
+        (["--epsilons", "0.1", "--step_size_ratio", "1", "--step_size", "1e-3"], "not both"),
+    ],
+)
+def test_bad_step_size_ratio_is_refused(tmp_path, extra, message, capsys):
+    import sweep_glue
+
+    with pytest.raises(SystemExit):
+        sweep_glue.parse_args(["--sweep_dir", str(tmp_path), "--deepspeed", "x.json", *extra])
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag", ["--seed", "--output_dir", "--task", "--method"])
 def test_flags_the_sweep_owns_are_refused(tmp_path, flag, capsys):
     import sweep_glue
