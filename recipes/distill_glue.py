@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -333,6 +334,8 @@ def distill(args, task, cfg, ds_config, teacher_path, splits) -> int:
     dev_sets = {split: tokenized[split] for split in task.dev_splits}
 
     # Teacher quality and both models' latency, before DeepSpeed shards anything.
+    clock = time.perf_counter()
+    setup_seconds = {}  # what the run spends before its first step, by phase (results.json)
     report = {
         "student_params": count_parameters(student),
         "student_latency_ms": measure_latency(student, dev_sets, collator),
@@ -346,6 +349,7 @@ def distill(args, task, cfg, ds_config, teacher_path, splits) -> int:
             teacher_latency_ms=measure_latency(teacher_model, teacher_dev, t_collator),
         )
 
+    setup_seconds["evaluate_teacher_and_latency"], clock = time.perf_counter() - clock, time.perf_counter()
     objective = AD2Objective(student, cfg, teacher_config=teacher_model.config if cfg.needs_teacher else None)
     micro = ds_config.get("train_micro_batch_size_per_gpu") or ds_config["train_batch_size"] // world_size
     gas = ds_config.get("gradient_accumulation_steps", 1)
@@ -360,11 +364,13 @@ def distill(args, task, cfg, ds_config, teacher_path, splits) -> int:
         mpu=StudentGroupMPU.from_layout(layout) if layout is not None else None,
     )
 
+    setup_seconds["objective_and_engine"], clock = time.perf_counter() - clock, time.perf_counter()
     teacher = None
     if layout is not None:
         teacher = hosted_teacher(cfg, task, objective, layout)
     elif cfg.needs_teacher:
         teacher = build_teacher(args, cfg, teacher_model, teacher_path, tok_t, train_ds, collator, objective)
+    setup_seconds["teacher"] = time.perf_counter() - clock  # includes building the teacher cache when there is one
 
     out = args.output_dir
     if rank == 0:
@@ -424,6 +430,7 @@ def distill(args, task, cfg, ds_config, teacher_path, splits) -> int:
         "train_seconds": state.train_seconds,
         "samples_per_second": state.samples / max(state.train_seconds, 1e-9),
         "teacher_wait_seconds": state.teacher_wait_seconds,
+        "setup_seconds": setup_seconds,
         "nonfinite_skipped": state.nonfinite_skipped,
         "overflow_skipped_steps": engine.skipped_steps,
         "truncated": truncated,

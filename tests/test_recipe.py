@@ -192,6 +192,8 @@ def test_recipe_with_a_teacher_cache_and_a_given_student(fixture_dirs, tmp_path,
     a = json.loads((tmp_path / "a" / "results.json").read_text())
     b = json.loads((tmp_path / "b" / "results.json").read_text())
     assert a["history"] == b["history"]  # same seed, same cached targets: the same run
+    phases = {"evaluate_teacher_and_latency", "objective_and_engine", "teacher"}
+    assert set(a["setup_seconds"]) == phases and all(v >= 0 for v in a["setup_seconds"].values())
     # a cache built for other inputs is refused with one line, and left as it was
     stale = _argv(data, teacher, ds, tmp_path / "c", *args)
     stale[stale.index("--max_seq_length") + 1] = "12"
