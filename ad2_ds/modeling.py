@@ -227,6 +227,8 @@ def measure_latency(model: nn.Module, dev_sets, collator, batch_size: int = 32, 
     """Median milliseconds of one forward on the first ``batch_size`` dev examples (after one warm-up)."""
     import time
 
+    import torch
+
     ds = next(iter(dev_sets.values()))
     batch = collator([ds[i] for i in range(min(batch_size, len(ds)))])
     device = next(model.parameters()).device
@@ -236,7 +238,8 @@ def measure_latency(model: nn.Module, dev_sets, collator, batch_size: int = 32, 
     times = []
     for i in range(repeats + 1):
         t0 = time.perf_counter()
-        model(**inputs)
+        with torch.inference_mode():  # what serving costs: no autograd graph
+            model(**inputs)
         if i:
             times.append((time.perf_counter() - t0) * 1000)
     model.train(was_training)

@@ -94,9 +94,9 @@ def minilm_config(layers: int):
 
 def _teacher_rank(rank, world_size, teacher, dtype_name, batch_size, seq_len):
     meter = Meter()
+    import deepspeed  # noqa: F401
     import torch
     import transformers  # noqa: F401
-    import deepspeed  # noqa: F401
 
     from ad2_ds import dist
     from ad2_ds import teachers as T
@@ -171,8 +171,8 @@ def optimizer_state_bytes(engine, model_params) -> dict:
 
 def _student_rank(rank, world_size, stage, batch_size, seq_len, dtype_name="fp32"):
     meter = Meter()
-    import torch
     import deepspeed
+    import torch
 
     from ad2_ds import AD2Config, AD2Objective, TeacherOutput, dist
 

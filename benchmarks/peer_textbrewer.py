@@ -29,10 +29,8 @@ samples/s = N x batch / seconds. Ratios are taken inside each round (ad2-ds / pe
 """
 import argparse
 import copy
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,6 +38,10 @@ import tempfile
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from common import quiet  # noqa: E402
 
 
 def minilm_config(layers: int):
@@ -281,31 +283,14 @@ def e2e(args) -> dict:
 
 
 def environment(threads) -> dict:
-    import deepspeed
-    import transformers
-
     try:
         import textbrewer
 
         tb = textbrewer.__version__
     except Exception as e:  # noqa: BLE001
         tb = f"not importable: {e!r}"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in subprocess.run(
-            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
-    except (StopIteration, OSError):
-        cpu = platform.processor()
     busy = subprocess.run(["pgrep", "-f", "distill_glue|sweep_glue"], capture_output=True, text=True).stdout.split()
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "deepspeed": deepspeed.__version__,
-            "textbrewer": tb, "distill_glue_processes_at_end": len(busy),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
-def quiet() -> bool:
-    """No other training job: no ``distill_glue`` run and no ``sweep_glue`` driver (which starts them one by one)."""
-    busy = subprocess.run(["pgrep", "-f", "distill_glue|sweep_glue"], capture_output=True, text=True).stdout
-    return not busy.strip()
+    return common.environment(threads, textbrewer=tb, distill_glue_processes_at_end=len(busy))
 
 
 def main(argv=None):

@@ -458,7 +458,8 @@ def deepspeed_phase(args, initial_student, teacher_config, batch, logits_only, p
         ratio = eng.median_ms / pl.median_ms
         lo, hi = per_round_ratio_range(eng, pl)
         rows.append({"method": pl.name, "plain_ms": round(pl.median_ms, 1), "engine_ms": round(eng.median_ms, 1),
-                     "engine_over_plain": round(ratio, 3), "per_round_min": round(lo, 3), "per_round_max": round(hi, 3),
+                     "engine_over_plain": round(ratio, 3), "per_round_min": round(lo, 3),
+                     "per_round_max": round(hi, 3),
                      "passes_plain": pl.passes, "passes_engine": eng.passes})
         print(f"{pl.name:<22} plain {pl.median_ms:>7.0f} ms  engine {eng.median_ms:>7.0f} ms  "
               f"engine/plain {ratio:.3f} [{lo:.3f}, {hi:.3f}]  passes {pl.passes['units']} / {eng.passes['units']}")

@@ -17,7 +17,9 @@
 
 (the grid values above are an example: use the grid your paper or budget gives; with fp16 read the README's note on
 epsilon. To grid over the radius, ``--epsilons 1e-5 1e-3 0.1 --step_size_ratio 1`` gives each run η = ε, so its one
-PGA step reaches the ball's surface.) Any flag this script does not know is passed to every run of ``recipes/distill_glue.py`` unchanged
+PGA step reaches the ball's surface.)
+
+Any flag this script does not know is passed to every run of ``recipes/distill_glue.py`` unchanged
 (``--teacher --student_layers --epsilon --max_train_samples --num_train_epochs --w_attention --layer_map ...``); the
 ones the sweep owns (``--task --method --seed --output_dir --deepspeed``) are refused there.
 

@@ -332,10 +332,10 @@ def test_sigterm_on_one_rank_stops_both_at_a_checkpoint_then_resumes(uninterrupt
 
 def test_default_teacher_is_shared_by_student_seeds(monkeypatch, tmp_path):
     """A sweep over --seed must distil from one default teacher, not fine-tune one per student seed."""
+    from ad2_ds.data.tasks import get_task
+
     import distill_glue
     from finetune_teacher import default_teacher_dir
-
-    from ad2_ds.data.tasks import get_task
 
     monkeypatch.setenv("AD2_CACHE", str(tmp_path))
     task = get_task("movie-polarity")
