@@ -18,11 +18,13 @@ term every method has) smoothed over 25 steps and the epoch-end dev score, media
 """
 
 import argparse
-import csv
 import glob
 import json
 import os
 import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # ad2_ds, without PYTHONPATH
 
 
 def rows_from(path, suffix=""):
@@ -38,8 +40,9 @@ def rows_from(path, suffix=""):
 
 
 def _read_csv(path):
-    with open(path) as f:
-        return [(int(r[0]), float(r[1])) for r in list(csv.reader(f))[1:]]
+    from ad2_ds.utils import read_monitor_csv
+
+    return read_monitor_csv(path)
 
 
 def gather_curves(task_dir) -> dict:

@@ -60,6 +60,9 @@ def ensure_default_teacher(args, task) -> str:
             flush=True,
         )
         shutil.rmtree(run_dir, ignore_errors=True)
+    ds_path = run_dir + ".ds_config.json"
+    if dist.get_rank() == 0:
+        write_teacher_ds_config(args.ds_config, ds_path)
     dist.barrier()
     argv = [
         "--task",
@@ -69,7 +72,7 @@ def ensure_default_teacher(args, task) -> str:
         "--output_dir",
         run_dir,
         "--deepspeed",
-        args.ds_config_path,
+        ds_path,
         "--num_train_epochs",
         str(args.teacher_epochs),
         "--max_train_samples",
@@ -90,8 +93,20 @@ def ensure_default_teacher(args, task) -> str:
         os.replace(os.path.join(run_dir, "best"), target)  # atomic: a half-trained teacher is never reused
         shutil.copy(os.path.join(run_dir, "results.json"), os.path.join(target, "finetune_results.json"))
         shutil.rmtree(run_dir, ignore_errors=True)
+        os.remove(ds_path)
     dist.barrier()
     return target
+
+
+MONITORS = ("csv_monitor", "tensorboard", "wandb", "comet")
+
+
+def write_teacher_ds_config(student_ds_config: dict, out_path: str) -> None:
+    """The student run's DeepSpeed config without its monitors: the teacher's fine-tuning must not write its losses
+    into the student's monitor files (DeepSpeed appends to them)."""
+    from ad2_ds.utils import write_json_atomic
+
+    write_json_atomic(out_path, {k: v for k, v in student_ds_config.items() if k not in MONITORS})
 
 
 if __name__ == "__main__":

@@ -223,7 +223,7 @@ def execute(args, run) -> dict:
 
 def monitored_losses(out, n=50):
     """Mean of each train loss term over the first and the last n optimizer steps, from the CSV monitor (or None)."""
-    import csv
+    from ad2_ds.utils import read_monitor_csv
 
     folder = os.path.join(out, "monitor")
     if not os.path.isdir(folder):
@@ -232,8 +232,7 @@ def monitored_losses(out, n=50):
     for name in sorted(os.listdir(folder)):
         if not (name.startswith("train_") and name.endswith(".csv")):
             continue
-        with open(os.path.join(folder, name)) as f:
-            values = [float(row[1]) for row in list(csv.reader(f))[1:]]
+        values = [v for _, v in read_monitor_csv(os.path.join(folder, name))]
         if values:
             losses[name[len("train_") : -len(".csv")]] = {
                 "first": statistics.fmean(values[:n]), "last": statistics.fmean(values[-n:]), "steps": len(values)

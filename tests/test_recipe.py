@@ -344,3 +344,26 @@ def test_default_teacher_is_shared_by_student_seeds(monkeypatch, tmp_path):
     assert dirs["42"] == dirs["43"] and dirs["42"].endswith("-s42")
     other = default_teacher_dir(distill_glue.parse_args(base + ["--seed", "43", "--teacher_seed", "7"]), task)
     assert other.endswith("-s7")
+
+
+def test_default_teacher_is_fine_tuned_once_outside_the_students_monitor(
+    fixture_dirs, tmp_path, monkeypatch, no_dist_left, capsys
+):
+    import distill_glue
+    import finetune_teacher
+
+    data, base_model, ds = fixture_dirs
+    monkeypatch.setenv("AD2_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(finetune_teacher, "DEFAULT_MODEL", str(base_model))  # stands in for all-MiniLM-L6-v2
+    argv = _argv(data, base_model, ds, tmp_path / "s42", "--num_train_epochs", "1", "--teacher_epochs", "1")
+    del argv[argv.index("--teacher") : argv.index("--teacher") + 2]
+    assert distill_glue.main(argv) == 0
+    assert "teacher: fine-tuning" in capsys.readouterr().out
+    teachers = list((tmp_path / "cache" / "teachers").rglob("config.json"))  # the stand-in's path is in the key
+    assert len(teachers) == 1 and "-s42" in teachers[0].parent.name
+    for csv_file in (tmp_path / "monitor").rglob("train_*.csv"):  # the student's losses only: one header
+        assert csv_file.read_text().count("step,") == 1, csv_file
+    argv[argv.index("--output_dir") + 1] = str(tmp_path / "s43")
+    assert distill_glue.main(argv + ["--seed", "43"]) == 0
+    assert "teacher: reusing" in capsys.readouterr().out
+    assert list((tmp_path / "cache" / "teachers").rglob("config.json")) == teachers

@@ -86,6 +86,30 @@ def test_bad_step_size_ratio_is_refused(tmp_path, extra, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_monitor_csv_keeps_the_last_run_and_joins_a_resumed_one(tmp_path):
+    from ad2_ds.utils import read_monitor_csv
+
+    path = tmp_path / "train_ce.csv"
+    # the default teacher's fine-tuning (steps 16..48) wrote here first, then the student run from step 16 again
+    path.write_text("step,ce\n16,0.7\n32,0.6\n48,0.5\nstep,ce\n16,0.9\n32,0.8\n")
+    assert read_monitor_csv(str(path)) == [(16, 0.9), (32, 0.8)]
+    # a run resumed from its step-32 checkpoint repeats step 48: the resumed values replace the lost ones
+    path.write_text("step,ce\n16,0.7\n32,0.6\n48,0.5\nstep,ce\n48,0.45\n64,0.4\n")
+    assert read_monitor_csv(str(path)) == [(16, 0.7), (32, 0.6), (48, 0.45), (64, 0.4)]
+    path.write_text("step,ce\n")
+    assert read_monitor_csv(str(path)) == []
+
+
+def test_default_teacher_fine_tuning_writes_no_monitor(tmp_path):
+    from finetune_teacher import write_teacher_ds_config
+
+    student = {"train_micro_batch_size_per_gpu": 16, "csv_monitor": {"enabled": True, "output_path": "x"},
+               "tensorboard": {"enabled": True}, "zero_optimization": {"stage": 2}}  # fmt: skip
+    write_teacher_ds_config(student, str(tmp_path / "t.json"))
+    teacher = json.loads((tmp_path / "t.json").read_text())
+    assert teacher == {"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 2}}
+
+
 @pytest.mark.parametrize("flag", ["--seed", "--output_dir", "--task", "--method"])
 def test_flags_the_sweep_owns_are_refused(tmp_path, flag, capsys):
     import sweep_glue
