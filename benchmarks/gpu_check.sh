@@ -26,7 +26,7 @@ run() {
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
     # python's own --budget_s (330 s) starts no phase late; this outer limit only ends a hang before the call's
-    timeout -k 10 "${GPU_CHECK_TIMEOUT:-450}" "$PY" benchmarks/gpu_check.py --out_dir "$OUT_DIR" "$@"
+    timeout -k 10 "${GPU_CHECK_TIMEOUT:-420}" "$PY" benchmarks/gpu_check.py --out_dir "$OUT_DIR" "$@"
 }
 
 run "$@" 2>&1 | tee "$OUT_DIR/gpu_check.log"
