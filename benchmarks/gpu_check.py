@@ -53,12 +53,13 @@ checkout the device tool sends, which is git-ignored and travels by ``carry``)::
 
     run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=480)
 
-Not yet run on a GPU (the session that wrote it had none): its wall time there is an estimate, 1-3 minutes (wheel
-install, imports, BERT-large init on the GPU, two phases of ~500 short steps). Limits: ``--budget_s`` (330 s) starts
-no phase after that, and the shell script's ``timeout`` ends Python at 420 s, inside the call's 480. The CPU smoke
-run takes ~11 s on the 2-core build machine. Afterwards copy ``gpu_check.json`` from the reply's files to
-``docs/results/gpu_check.json`` and put its tables (stdout, also in ``gpu_check.log``) into ``docs/RESULTS.md`` with
-the card's name, memory and driver.
+Written for the one lent GPU; under a multi-GPU launcher (torchrun) the teacher would shard over all ranks and rank 0
+report its own figures, which nobody has tried yet. Not yet run on a GPU (the session that wrote it had none): its
+wall time there is an estimate, 1-3 minutes (wheel install, imports, BERT-large init on the GPU, two phases of ~600
+short steps). Limits: ``--budget_s`` (330 s) starts no phase after that, and the shell script's ``timeout`` ends
+Python at 420 s, inside the call's 480. The CPU smoke run takes ~11 s on the 2-core build machine. Afterwards copy
+``gpu_check.json`` from the reply's files to ``docs/results/gpu_check.json`` and put its tables (stdout, also in
+``gpu_check.log``) into ``docs/RESULTS.md`` with the card's name, memory and driver.
 """
 
 import argparse
@@ -334,7 +335,7 @@ class Phase:
         mem, ctx, dtype, batch = self.mem, self.ctx, self.dtype, self.ctx["batch"]
         device = ctx["device"]
         mem.empty_cache()
-        base = mem.allocated()
+        base, base_reserved = mem.allocated(), mem.reserved()
         mem.reset_peak()
         student = copy.deepcopy(ctx["student"]).to(device).train()
         optimizer = adamw(student.parameters(), self.opt_params)
@@ -342,7 +343,6 @@ class Phase:
         clip = self.ds_json.get("gradient_clipping", 0.0)
         autocast = self.precision != "fp32"
         owner = {"scaler": scaler}
-        counter = None
         for m in methods:
             objective = AD2Objective(student, self.cfg(m), teacher_config=ctx["teacher_config"])
             deep = self.cfg(m).deep_kd
@@ -375,7 +375,10 @@ class Phase:
         owner["warm_steps"] = self._warm(self.cases[-len(methods)].runner.step, lambda: len(optimizer.state) > 0,
                                          "plain loop")
         mem.sync()
-        owner.update(static_mib=r1(mem.allocated() - base), build_peak_mib=r1(mem.peak() - base))
+        owner.update(
+            static_mib=r1(mem.allocated() - base), build_peak_mib=r1(mem.peak() - base),
+            build_reserved_mib=r1(mem.reserved() - base_reserved) if base_reserved is not None else None,
+        )
 
     def build_engine(self, method: str, cached, cached_mib) -> None:
         import deepspeed
