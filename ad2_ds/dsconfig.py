@@ -3,15 +3,24 @@
     ds_config = load_ds_config("ds_configs/zero2.json")               # dict; clear ValueError when wrong
     ds_config = resolve_scheduler_steps(ds_config, total_optimizer_steps=375)
 
+    ds_config, note = single_rank_config(ds_config, data_parallel_size=1)  # ZeRO-1/2 -> 0 on one rank
+    engine, *_ = deepspeed.initialize(model=objective, config=ds_config, ...)
+    skip_single_rank_allreduce(engine)                                 # nothing to all-reduce on one rank
+
 The JSON alone owns batch size, accumulation, precision, optimizer, scheduler, clipping and ZeRO stage; the code
 reads them back from the engine. The only values resolved here are the scheduler's step counts, given as "auto"
 in the shipped configs because they depend on the data size and epochs (raw DeepSpeed resolves no "auto").
+The one exception is opt-in (the recipes take it unless ``--keep_zero_stage``): with a single data-parallel rank,
+ZeRO stages 1 and 2 have nothing to partition across, but DeepSpeed still copies every gradient into its buckets and
+every updated fp32 partition back into the model, each step (10% of a KD step on one CPU rank, docs/RESULTS.md);
+:func:`single_rank_config` runs such a config at stage 0, and :func:`skip_single_rank_allreduce` drops stage 0's
+all-reduce over a world of one (a flatten, a no-op reduce and a copy back of every gradient).
 """
 
 import copy
 import json
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -78,3 +87,29 @@ def resolve_scheduler_steps(cfg: dict, total_optimizer_steps: int, warmup_fracti
         if value == "auto":
             raise ValueError(f"scheduler.params.{key} is 'auto'; only total_num_steps and warmup_num_steps can be")
     return cfg
+
+
+def single_rank_config(cfg: dict, data_parallel_size: int) -> Tuple[dict, Optional[str]]:
+    """``(config, note)``: with one data-parallel rank, a ZeRO stage 1 or 2 config becomes stage 0 (``note`` says so);
+    anything else (several ranks, stage 0 or 3, optimizer offload, which still moves state off the accelerator) is
+    returned unchanged with ``note`` None. The optimizer's arithmetic is the same at every stage."""
+    zero = cfg.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+    if data_parallel_size != 1 or stage not in (1, 2) or offload:
+        return cfg, None
+    cfg = copy.deepcopy(cfg)
+    cfg["zero_optimization"] = {"stage": 0}
+    return cfg, (
+        f"one data-parallel rank: ZeRO stage {stage} would partition nothing and only copy gradients and weights "
+        "each step; running stage 0 (--keep_zero_stage keeps the config's stage)"
+    )
+
+
+def skip_single_rank_allreduce(engine) -> bool:
+    """Turn off a stage-0 engine's gradient all-reduce when its data-parallel world is one rank (True if it did).
+    DeepSpeed runs it even then: it flattens every gradient, all-reduces over one rank and copies them back."""
+    if engine.zero_optimization_stage() != 0 or engine.dp_world_size != 1:
+        return False
+    engine.enable_backward_allreduce = False
+    return True

@@ -19,6 +19,8 @@ Contenders:
   ``ckpt_steps`` is huge and the end-of-train checkpoint is disabled (``save_and_callback`` is a no-op), so no file
   is written inside the timing; its per-step loss logging (``.item()`` into a no-op writer) stays;
 - ``textbrewer-general``: the same through ``GeneralDistiller`` (no intermediate matches), what its examples use;
+- ``ad2ds-1rank``: the ZeRO-2 config as ``recipes/distill_glue.py`` runs it on one rank (``single_rank_config``:
+  stage 0, and ``skip_single_rank_allreduce``: no all-reduce over a world of one);
 - ``ad2ds-z0`` / ``ad2ds-z2``: ``LocalTeacher`` + ``AD2Objective(student, AD2Config(method="kd"))`` wrapped by
   ``deepspeed.initialize`` (torch AdamW with ``zero_allow_untested_optimizer``; ZeRO stage 0, and stage 2 as in
   ``ds_configs/zero2.json``), the loop ``engine(batch, teacher(batch)); engine.backward; engine.step``.
@@ -132,10 +134,11 @@ def make_textbrewer(student, teacher, batches, temperature, lr, general: bool):
     return run
 
 
-def make_ad2ds(student, teacher, batches, temperature, lr, stage):
+def make_ad2ds(student, teacher, batches, temperature, lr, stage, single_rank_path=False):
     import deepspeed
 
     from ad2_ds import AD2Config, AD2Objective
+    from ad2_ds.dsconfig import single_rank_config, skip_single_rank_allreduce
     from ad2_ds.teachers import LocalTeacher
 
     objective = AD2Objective(student.train(), AD2Config(method="kd", temperature=temperature))
@@ -145,7 +148,11 @@ def make_ad2ds(student, teacher, batches, temperature, lr, stage):
                  "steps_per_print": 10**9}
     if stage == 2:
         ds_config["zero_optimization"].update(contiguous_gradients=True, overlap_comm=False, reduce_scatter=True)
+    if single_rank_path:  # what recipes/distill_glue.py does with a ZeRO-1/2 config on one rank
+        ds_config, _ = single_rank_config(ds_config, data_parallel_size=1)
     engine, *_ = deepspeed.initialize(model=objective, optimizer=opt, config=ds_config)
+    if single_rank_path:
+        skip_single_rank_allreduce(engine)
     t = LocalTeacher(teacher)
     it = Cycle(batches)
 
@@ -303,7 +310,7 @@ def main(argv=None):
     p.add_argument("--n_batches", type=int, default=8)
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--contenders", default="plain,textbrewer,textbrewer-general,ad2ds-z0,ad2ds-z2")
+    p.add_argument("--contenders", default="plain,textbrewer,textbrewer-general,ad2ds-z0,ad2ds-z2,ad2ds-1rank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json_out", default=None)
     p.add_argument("--e2e", action="store_true", help="also the end-to-end movie-polarity comparison")
@@ -352,6 +359,8 @@ def main(argv=None):
         "textbrewer-general": lambda s: make_textbrewer(s, teacher, batches, args.temperature, args.lr, general=True),
         "ad2ds-z0": lambda s: make_ad2ds(s, teacher, batches, args.temperature, args.lr, stage=0),
         "ad2ds-z2": lambda s: make_ad2ds(s, teacher, batches, args.temperature, args.lr, stage=2),
+        "ad2ds-1rank": lambda s: make_ad2ds(s, teacher, batches, args.temperature, args.lr, stage=2,
+                                            single_rank_path=True),
     }
     runs, errors = {}, {}
     for name in names:

@@ -82,6 +82,12 @@ def parse_args(argv=None):
         "--no_stream_teacher", action="store_true", help="run the teacher inline instead of one batch ahead"
     )
     p.add_argument("--no_group_by_length", action="store_true")
+    p.add_argument(
+        "--keep_zero_stage",
+        action="store_true",
+        help="on one data-parallel rank, keep the config's ZeRO stage 1/2 (default: run stage 0, which partitions "
+        "the same nothing without copying gradients and weights each step)",
+    )
     p.add_argument("--teacher_epochs", type=int, default=3, help="epochs when fine-tuning the default teacher")
     p.add_argument(
         "--teacher_seed",
@@ -270,7 +276,7 @@ def distill(args, task, cfg, ds_config, teacher_path, splits) -> int:
     from ad2_ds import AD2Objective
     from ad2_ds.data.assets import resolve_model
     from ad2_ds.data.glue import DataCollator, tokenize_dataset
-    from ad2_ds.dsconfig import resolve_scheduler_steps
+    from ad2_ds.dsconfig import resolve_scheduler_steps, single_rank_config, skip_single_rank_allreduce
     from ad2_ds.modeling import count_parameters, measure_latency, save_pretrained_atomic, student_from_teacher
     from ad2_ds.trainer import TrainConfig, epoch_batches, evaluate, train
 
@@ -355,6 +361,10 @@ def distill(args, task, cfg, ds_config, teacher_path, splits) -> int:
     gas = ds_config.get("gradient_accumulation_steps", 1)
     n_micro = len(epoch_batches(len(train_ds), micro, args.seed, 0, rank, world_size, grad_accum=gas))
     ds_config = resolve_scheduler_steps(ds_config, args.num_train_epochs * n_micro // gas)
+    if not args.keep_zero_stage:
+        ds_config, note = single_rank_config(ds_config, world_size)
+        if note and rank == 0:
+            print(note, flush=True)
     from ad2_ds.dist import StudentGroupMPU
 
     engine, *_ = deepspeed.initialize(
@@ -363,6 +373,7 @@ def distill(args, task, cfg, ds_config, teacher_path, splits) -> int:
         config=ds_config,
         mpu=StudentGroupMPU.from_layout(layout) if layout is not None else None,
     )
+    skip_single_rank_allreduce(engine)
 
     setup_seconds["objective_and_engine"], clock = time.perf_counter() - clock, time.perf_counter()
     teacher = None
