@@ -530,6 +530,7 @@ def build_teacher(args, cfg, teacher_model, teacher_path, tok_t, train_ds, colla
     import torch.distributed as dist
 
     from ad2_ds import teachers as T
+    from ad2_ds.data.glue import example_lengths
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.teacher_dtype]
     hidden_layers = _hidden_layers(objective)
@@ -572,6 +573,10 @@ def build_teacher(args, cfg, teacher_model, teacher_path, tok_t, train_ds, colla
     rank, world_size = dist.get_rank(), dist.get_world_size()
     # Equal-length shards (wrapped around; a repeated id is stored once): TP ranks must call the teacher equally often.
     shard = [i % len(train_ds) for i in range(rank, world_size * -(-len(train_ds) // world_size), world_size)]
+    # Longest first, so each batch of 64 pads little (outputs are stored by example id: the order is free). In index
+    # order a batch pads to its longest of 64 random sentences: on movie-polarity that doubled the build time.
+    lengths = example_lengths(train_ds)
+    shard.sort(key=lambda i: -lengths[i])
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_ds, shard), batch_size=64, collate_fn=collator)
     T.build_teacher_cache(
         live,
