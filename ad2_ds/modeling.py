@@ -227,8 +227,6 @@ def measure_latency(model: nn.Module, dev_sets, collator, batch_size: int = 32, 
     """Median milliseconds of one forward on the first ``batch_size`` dev examples (after one warm-up)."""
     import time
 
-    import torch
-
     ds = next(iter(dev_sets.values()))
     batch = collator([ds[i] for i in range(min(batch_size, len(ds)))])
     device = next(model.parameters()).device

@@ -14,10 +14,15 @@ def cpu_model() -> str:
         return platform.processor()
 
 
+def busy_processes() -> list:
+    """PIDs of other training jobs: ``distill_glue`` runs and ``sweep_glue`` drivers (which start them one by one)."""
+    out = subprocess.run(["pgrep", "-f", "distill_glue|sweep_glue"], capture_output=True, text=True).stdout
+    return out.split()
+
+
 def quiet() -> bool:
-    """No other training job: no ``distill_glue`` run and no ``sweep_glue`` driver (which starts them one by one)."""
-    busy = subprocess.run(["pgrep", "-f", "distill_glue|sweep_glue"], capture_output=True, text=True).stdout
-    return not busy.strip()
+    """No other training job is running."""
+    return not busy_processes()
 
 
 def environment(threads=None, **extra) -> dict:

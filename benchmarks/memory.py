@@ -28,14 +28,15 @@ state tensors (exp_avg, exp_avg_sq, step) and the fp32 master partitions it step
 fp32 copy; at ZeRO-0 fp32 torch AdamW steps the model's own parameters, which are not counted again).
 """
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
 import re
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 TEACHERS = {
     "mpnet": "all-mpnet-base-v2 (real weights, 12 x 768, 109M params)",
@@ -206,22 +207,8 @@ def _student_rank(rank, world_size, stage, batch_size, seq_len, dtype_name="fp32
 
 
 def environment() -> dict:
-    import subprocess
-
-    import deepspeed
-    import torch
-    import transformers
-
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in subprocess.run(
-            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
-    except (StopIteration, OSError):
-        cpu = platform.processor()
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_total_gib": round(os.sysconf("SC_PAGE_SIZE")
-            * os.sysconf("SC_PHYS_PAGES") / 2**30, 1), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "deepspeed": deepspeed.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    return common.environment(mem_total_gib=mem_gib)
 
 
 def _mib(b):

@@ -296,8 +296,7 @@ def environment(threads) -> dict:
         tb = textbrewer.__version__
     except Exception as e:  # noqa: BLE001
         tb = f"not importable: {e!r}"
-    busy = subprocess.run(["pgrep", "-f", "distill_glue|sweep_glue"], capture_output=True, text=True).stdout.split()
-    return common.environment(threads, textbrewer=tb, distill_glue_processes_at_end=len(busy))
+    return common.environment(threads, textbrewer=tb, distill_glue_processes_at_end=len(common.busy_processes()))
 
 
 def main(argv=None):

@@ -39,15 +39,11 @@ def rows_from(path, suffix=""):
             yield task, entry["main_metric"], entry["teacher"], method + suffix, best["median"], scores
 
 
-def _read_csv(path):
-    from ad2_ds.utils import read_monitor_csv
-
-    return read_monitor_csv(path)
-
-
 def gather_curves(task_dir) -> dict:
     """{method: {seed: {"train_ce": [[samples, value], ...], "eval": [[samples, score], ...]}}} from the CSV monitor
     files of every run under ``SWEEP/TASK/METHOD/CONFIG/seedN/monitor`` (one config per method expected)."""
+    from ad2_ds.utils import read_monitor_csv
+
     curves = {}
     for mon in sorted(glob.glob(os.path.join(task_dir, "*", "*", "seed*", "monitor"))):
         run = os.path.dirname(mon)
@@ -59,8 +55,8 @@ def gather_curves(task_dir) -> dict:
         if not evals or not os.path.isfile(ce):
             continue
         curves.setdefault(method, {})[os.path.basename(run)] = {
-            "train_ce": _read_csv(ce),
-            "eval": _read_csv(sorted(evals)[0]),
+            "train_ce": read_monitor_csv(ce),
+            "eval": read_monitor_csv(sorted(evals)[0]),
             "eval_metric": os.path.basename(sorted(evals)[0])[5:-4],
         }
     if not curves:

@@ -20,13 +20,10 @@ torch AdamW, no JIT-compiled op) interleaved with the same plain loop, to show w
 """
 import argparse
 import copy
-import datetime
 import json
 import os
-import platform
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,6 +33,9 @@ import torch
 
 from ad2_ds import AD2Config, AD2Objective, TeacherOutput
 from ad2_ds.modeling import find_embedding_module
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 # name -> (AD2Config kwargs, teacher: "none" | "cached" | "live")
 METHODS = {
@@ -301,19 +301,7 @@ def init_single_rank_deepspeed():
 
 
 def environment() -> Dict[str, str]:
-    import deepspeed
-    import transformers
-
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in subprocess.run(
-            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
-    except (StopIteration, OSError):
-        cpu = platform.processor()
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "python": platform.python_version(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "deepspeed": deepspeed.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    return common.environment(threads=torch.get_num_threads())
 
 
 def parse_args(argv=None):
