@@ -5,6 +5,8 @@
         --task sst2 --data_dir glue_data --teacher my-bert-large-sst2 --student_layers skip:6 \\
         --teacher_tp_size 2 --teacher_dtype fp16
     python recipes/distill_glue.py --deepspeed ds_configs/zero2.json --method kd     # one rank, plain python
+    python recipes/distill_glue.py --deepspeed ds_configs/zero2.json --method kd --augment_copies 8
+        # text-editing baseline: KD on the data and 8 WordNet synonym-replaced copies (apt install wordnet-base)
     deepspeed --num_gpus 4 recipes/distill_glue.py --deepspeed ds_configs/zero2.json --teacher_ranks 0,1
         # hosted: a TP=2 teacher on ranks 0,1 serves the ZeRO student on ranks 2,3
 
@@ -64,6 +66,17 @@ def parse_args(argv=None):
     p.add_argument("--max_seq_length", type=int, default=64)
     p.add_argument("--max_train_samples", type=int, default=2000, help="0: the whole train split")
     p.add_argument("--max_eval_samples", type=int, default=0, help="0: the whole dev split")
+    p.add_argument(
+        "--augment_copies",
+        type=int,
+        default=0,
+        help="text-editing baseline: add N WordNet synonym-replaced copies of every training example (TinyBERT's xN)",
+    )
+    p.add_argument("--augment_prob", type=float, default=0.1, help="chance that a word with synonyms is replaced")
+    p.add_argument("--augment_seed", type=int, default=0, help="seed of the copies (fixed: all methods see the same)")
+    p.add_argument(
+        "--wordnet_dir", help="WordNet 3.0 database folder; default: $WORDNET_DIR or /usr/share/wordnet (wordnet-base)"
+    )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--output_dir", default="runs/distill")
     p.add_argument("--overwrite_output_dir", action="store_true")
@@ -160,6 +173,18 @@ def check_cheap(args):
         raise UsageError("--num_train_epochs must be >= 1, --max_seq_length >= 8, --max_train_samples >= 0")
     if args.teacher_tp_size < 1:
         raise UsageError("--teacher_tp_size must be >= 1")
+    if args.augment_copies < 0 or not 0.0 < args.augment_prob <= 1.0:
+        raise UsageError("--augment_copies must be >= 0 and --augment_prob in (0, 1]")
+    if args.augment_copies:
+        from ad2_ds.data.augment import default_wordnet_dir, missing_wordnet_files
+
+        args.wordnet_dir = args.wordnet_dir or default_wordnet_dir()
+        missing = missing_wordnet_files(args.wordnet_dir)
+        if missing:
+            raise UsageError(
+                f"--augment_copies needs WordNet 3.0's database files, and --wordnet_dir {args.wordnet_dir} lacks "
+                f"{', '.join(missing)}: apt install wordnet-base, or point --wordnet_dir at a WordNet dict folder"
+            )
     if not args.student:
         strategy, _, n = args.student_layers.partition(":")
         if strategy not in ("skip", "top", "bottom") or not n.isdigit() or int(n) < 1:
@@ -214,17 +239,20 @@ def run(args, task, cfg) -> int:
     if not args.teacher_ranks and world_size % args.teacher_tp_size:
         raise UsageError(f"--teacher_tp_size {args.teacher_tp_size} does not divide the world size {world_size}")
 
+    clock = time.perf_counter()
     splits = load_splits(args, task)  # bad data fails here, before any model is fetched or trained
+    setup_seconds = {"load_and_augment_data": time.perf_counter() - clock}
     teacher_path = args.teacher
     if teacher_path is None and (cfg.needs_teacher or not args.student):
         from finetune_teacher import ensure_default_teacher
 
         teacher_path = ensure_default_teacher(args, task)
-    return distill(args, task, cfg, ds_config, teacher_path, splits)
+    return distill(args, task, cfg, ds_config, teacher_path, splits, setup_seconds)
 
 
 def load_splits(args, task) -> dict:
-    """Train (the fixed low-resource subset) and dev splits, raw text; rank 0 reads first and fills the cache."""
+    """Train (the fixed low-resource subset, plus its augmented copies with --augment_copies) and dev splits, raw
+    text; rank 0 reads and augments first and fills the datasets cache, the others then read it."""
     import torch.distributed as dist
 
     from ad2_ds.data.glue import load_task
@@ -232,12 +260,18 @@ def load_splits(args, task) -> dict:
     if dist.get_rank() != 0:
         dist.barrier()
     raw = load_task(task, args.data_dir)
-    if dist.get_rank() == 0:
-        dist.barrier()
     train_raw = raw["train"]
     if args.max_train_samples and args.max_train_samples < len(train_raw):
         # A fixed subset (seed 0), the same for every method and --seed: low-resource comparisons stay paired.
         train_raw = train_raw.shuffle(seed=0).select(range(args.max_train_samples))
+    if args.augment_copies:
+        from ad2_ds.data.augment import WordNet, augment_dataset
+
+        wordnet = WordNet(args.wordnet_dir)
+        train_raw = augment_dataset(train_raw, wordnet, args.augment_copies, args.augment_prob, args.augment_seed)
+        wordnet.close()
+    if dist.get_rank() == 0:
+        dist.barrier()
     splits = {"train": train_raw}
     for split in task.dev_splits:
         ds = raw[split]
@@ -267,7 +301,7 @@ def load_classifier(path, num_labels, eager, trust_remote_code, role):
     )
 
 
-def distill(args, task, cfg, ds_config, teacher_path, splits) -> int:
+def distill(args, task, cfg, ds_config, teacher_path, splits, setup_seconds) -> int:
     """Build the models, data, objective, engine and teacher, train, and write the results."""
     import deepspeed
     import torch.distributed as dist
@@ -341,7 +375,7 @@ def distill(args, task, cfg, ds_config, teacher_path, splits) -> int:
 
     # Teacher quality and both models' latency, before DeepSpeed shards anything.
     clock = time.perf_counter()
-    setup_seconds = {}  # what the run spends before its first step, by phase (results.json)
+    # setup_seconds: what the run spends before its first step, by phase (results.json)
     report = {
         "student_params": count_parameters(student),
         "student_latency_ms": measure_latency(student, dev_sets, collator),
@@ -436,6 +470,7 @@ def distill(args, task, cfg, ds_config, teacher_path, splits) -> int:
         "teacher_ranks": list(args.teacher_ranks),
         "teacher": teacher_path,
         "student_init": args.student or args.student_layers,
+        "train_examples": len(train_ds),  # with --augment_copies N: (N + 1) x the originals
         "history": state.history,
         "best": {"step": state.best_step, **state.best_scores},
         "train_seconds": state.train_seconds,

@@ -28,11 +28,13 @@ max lr and the micro batch replaced), ``SWEEP_DIR/{task}/{method}/{config}/seed{
 with its ``results.json`` and ``log.txt``), ``SWEEP_DIR/summary.json`` and ``SWEEP_DIR/summary.md``.
 A run whose ``results.json`` exists is skipped, so re-running the same command resumes the sweep; a run killed after
 a checkpoint is continued with ``--resume``. ``--teacher_cache DIR`` gives every run that needs no attention maps a
-teacher cache under ``DIR/{task}/{method}`` (built by the first seed, reused by the rest); attention-KD runs run the
+teacher cache under ``DIR/{task}/{method}`` (built by the first seed, reused by the rest; pass-through flags, which
+may change the data or the layers cached, add a hash of themselves: ``{method}-{hash}``); attention-KD runs run the
 teacher live. ``--collect_only`` only rewrites the summary from the runs on disk.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -140,6 +142,7 @@ def plan(args, passthrough):
     """Every run, in the order they go: task, seed, grid point, method (a cut-short sweep has all methods for the
     seeds it reached)."""
     epsilons = args.epsilons or [None]
+    tag = "-" + hashlib.sha1(" ".join(passthrough).encode()).hexdigest()[:8] if passthrough else ""
     runs = []
     for task in args.tasks:
         for seed in args.seeds:
@@ -161,7 +164,7 @@ def plan(args, passthrough):
                                     argv += ["--step_size", str(args.step_size_ratio * eps)]
                             argv += passthrough
                             runs.append(dict(task=task, method=method, config=cname, seed=seed, lr=lr, bs=bs,
-                                             epsilon=eps, out=out, argv=argv))  # fmt: skip
+                                             epsilon=eps, out=out, argv=argv, cache=method + tag))  # fmt: skip
     return runs
 
 
@@ -195,7 +198,7 @@ def execute(args, run) -> dict:
     elif os.path.isdir(out):
         argv.append("--overwrite_output_dir")  # a run killed before its first checkpoint
     if args.teacher_cache and not needs_attentions(run["argv"]):
-        argv += ["--teacher_cache", os.path.join(args.teacher_cache, run["task"], run["method"])]
+        argv += ["--teacher_cache", os.path.join(args.teacher_cache, run["task"], run["cache"])]
     os.makedirs(out, exist_ok=True)
     if args.csv_monitor:
         with open(argv[argv.index("--deepspeed") + 1]) as f:

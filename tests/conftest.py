@@ -148,3 +148,33 @@ def one_rank():
         else:
             os.environ[k] = v
     sys.modules.pop("distill_glue", None)
+
+
+def write_tiny_wordnet(root, synsets=None, exceptions=None):
+    """A WordNet 3.0 database folder in the real file format (wndb(5WN)): ``synsets`` maps a part of speech to
+    lists of lemmas, one list per synset; ``exceptions`` maps a part of speech to {inflected: base}. Offsets are the
+    byte offsets of each synset's line, as in WordNet, behind a licence header of lines starting with spaces."""
+    synsets = synsets or {
+        "noun": [["movie", "film"], ["plot", "secret_plan"], ["goose"]],
+        "adj": [["good(a)", "great"], ["bad", "awful"]],
+        "verb": [["love", "enjoy"]],
+    }
+    exceptions = exceptions or {"noun": {"geese": "goose"}}
+    root.mkdir(parents=True, exist_ok=True)
+    header = "  1 This is a test database, not WordNet.  \n  2   \n"
+    for pos in ("noun", "verb", "adj", "adv"):
+        data, index = header.encode(), {}
+        for words in synsets.get(pos, []):
+            offset = len(data)
+            fields = [f"{offset:08d}", "00", pos[0], f"{len(words):02x}"]
+            for w in words:
+                fields += [w, "0"]
+                index.setdefault(w.split("(")[0].lower(), []).append(offset)
+            data += (" ".join(fields + ["000", "|", "a gloss"]) + "  \n").encode()
+        (root / f"data.{pos}").write_bytes(data)
+        lines = [f"{lemma} {pos[0]} {len(offs)} 0 {len(offs)} 0 " + " ".join(f"{o:08d}" for o in offs) + "  "
+                 for lemma, offs in sorted(index.items())]  # fmt: skip
+        (root / f"index.{pos}").write_text(header + "".join(line + "\n" for line in lines))
+        exc = exceptions.get(pos, {})
+        (root / f"{pos}.exc").write_text("".join(f"{k} {v}\n" for k, v in exc.items()))
+    return root

@@ -71,6 +71,12 @@ CASES = {
     "zero pga steps": (lambda t, d, te, ds: {"--pga_steps": "0"}, "pga_steps"),
     "unknown method": (lambda t, d, te, ds: {"--method": "ad3"}, "unknown method"),
     "bad student layers": (lambda t, d, te, ds: {"--student_layers": "middle:2"}, "--student_layers"),
+    "augmentation without WordNet": (
+        lambda t, d, te, ds: {"--augment_copies": "2", "--wordnet_dir": str(t)},
+        "apt install wordnet-base",
+    ),
+    "augmentation prob out of range": (lambda t, d, te, ds: {"--augment_copies": "2", "--augment_prob": "0"},
+                                       "--augment_prob"),  # fmt: skip
     "teacher without a trained head": (lambda t, d, te, ds: {"--teacher": str(_base_model(t))}, "no fine-tuned"),
 }
 

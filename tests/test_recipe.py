@@ -197,13 +197,32 @@ def test_recipe_with_a_teacher_cache_and_a_given_student(fixture_dirs, tmp_path,
     b = json.loads((tmp_path / "b" / "results.json").read_text())
     assert a["history"] == b["history"]  # same seed, same cached targets: the same run
     assert a["engine"]["zero_stage"] == 2  # --keep_zero_stage
-    phases = {"evaluate_teacher_and_latency", "objective_and_engine", "teacher"}
+    phases = {"load_and_augment_data", "evaluate_teacher_and_latency", "objective_and_engine", "teacher"}
     assert set(a["setup_seconds"]) == phases and all(v >= 0 for v in a["setup_seconds"].values())
     # a cache built for other inputs is refused with one line, and left as it was
     stale = _argv(data, teacher, ds, tmp_path / "c", *args)
     stale[stale.index("--max_seq_length") + 1] = "12"
     assert distill_glue.main(stale) == 2
     assert "stale cache" in capsys.readouterr().err and (cache / "meta.json").stat().st_mtime_ns == stamp
+
+
+def test_text_editing_baseline_distils_on_the_originals_and_their_copies(fixture_dirs, tmp_path, no_dist_left):
+    import distill_glue
+    from conftest import write_tiny_wordnet
+
+    data, teacher, ds = fixture_dirs
+    wordnet = write_tiny_wordnet(tmp_path / "wordnet")
+    cache = tmp_path / "cache"
+    args = ["--num_train_epochs", "1", "--method", "kd", "--teacher_cache", str(cache), "--augment_copies", "2",
+            "--augment_prob", "0.5", "--wordnet_dir", str(wordnet)]  # fmt: skip
+    assert distill_glue.main(_argv(data, teacher, ds, tmp_path / "a", *args)) == 0
+    a = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert a["train_examples"] == 3 * 40  # the fixture's 40 sentences and 2 copies of each
+    assert json.loads((cache / "meta.json").read_text())["num_examples"] == 3 * 40  # the teacher labels the copies
+    plain = ["--num_train_epochs", "1", "--method", "kd"]
+    assert distill_glue.main(_argv(data, teacher, ds, tmp_path / "b", *plain)) == 0
+    b = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert b["train_examples"] == 40 and a["history"][-1]["step"] == 3 * b["history"][-1]["step"]
 
 
 def test_teacher_and_student_with_different_tokenizers(fixture_dirs, tmp_path, tiny_vocab, no_dist_left, capsys):

@@ -70,6 +70,22 @@ def test_step_size_ratio_gives_each_epsilon_its_own_step_size(tmp_path):
     assert "--step_size" not in sweep_glue.plan(args, passthrough)[0]["argv"]
 
 
+def test_pass_through_flags_get_their_own_teacher_cache(tmp_path):
+    import sweep_glue
+
+    base = ["--sweep_dir", str(tmp_path), "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"), "--methods", "kd",
+            "--seeds", "1", "2"]  # fmt: skip
+    caches = {}
+    flags = {"plain": [], "augment": ["--augment_copies", "4"], "skip": ["--student_layers", "skip:3"]}
+    for name, extra in flags.items():
+        args, passthrough = sweep_glue.parse_args(base + extra)
+        runs = sweep_glue.plan(args, passthrough)
+        assert len({r["cache"] for r in runs}) == 1  # one cache for the seeds of a (task, method)
+        caches[name] = runs[0]["cache"]
+    assert caches["plain"] == "kd" and len(set(caches.values())) == 3  # augmented data never meets a plain cache
+    assert all(c.startswith("kd-") for name, c in caches.items() if name != "plain")
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
