@@ -12,13 +12,18 @@
 Each rank runs in its own process with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT (a free port) and
 OMP_NUM_THREADS=1 set; ``fn`` calls ``ad2_ds.dist.init_distributed()`` itself. A rank that raises makes ``launch``
 raise ``RuntimeError`` carrying that rank's traceback (the other ranks, likely stuck in a collective, are killed);
-a job that does not finish within ``timeout_s`` is killed and raises ``TimeoutError``, so a hang fails the test
-instead of hanging CI. Ranks end with ``dist.clean_exit`` (no SIGABRT at exit).
+a job that does not finish within ``timeout_s`` is killed and raises ``TimeoutError`` carrying the Python stacks of
+every thread of the ranks still running (where they hung), so a hang fails the test instead of hanging CI, and says
+why. Ranks end with ``dist.clean_exit`` (no SIGABRT at exit).
 """
 
+import faulthandler
 import multiprocessing as mp
 import os
 import pickle
+import signal
+import tempfile
+import threading
 import time
 import traceback
 from multiprocessing.connection import wait
@@ -47,7 +52,11 @@ def reset_deepspeed_state() -> None:
         groups.mpu = None
 
 
-def _worker(fn, rank, world_size, port, args, kwargs, conn) -> None:
+def _worker(fn, rank, world_size, port, args, kwargs, conn, stacks_path) -> None:
+    # SIGUSR1 from the parent (on a timeout) writes every thread's Python stack to stacks_path, even while the main
+    # thread is blocked in a collective (faulthandler dumps from the C signal handler, without the GIL).
+    stacks = open(stacks_path, "w")  # noqa: SIM115 - open until the process ends
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
@@ -90,23 +99,28 @@ def launch(
 ) -> List[Any]:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` processes; return the results in rank order.
 
-    start_method: "fork" (default where available: no re-import of torch, ~5 s faster per rank) or "spawn" (``fn``
-    and ``args`` must pickle). Fork is refused when this process has initialized torch.distributed itself.
+    start_method: "fork" (default where available and this process runs one Python thread: no re-import of torch,
+    ~5 s faster per rank), else "forkserver" (preloaded with torch, deepspeed and transformers), or "spawn" (with
+    forkserver and spawn, ``fn`` and ``args`` must pickle). Fork is refused when this process has initialized
+    torch.distributed itself.
     """
     import torch.distributed as tdist
 
     if start_method is None:
-        start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        start_method = "fork" if "fork" in mp.get_all_start_methods() and _fork_is_safe() else "forkserver"
     if start_method == "fork" and tdist.is_available() and tdist.is_initialized():
         raise RuntimeError("launch(start_method='fork') from a process with torch.distributed initialized: use spawn")
     ctx = mp.get_context(start_method)
+    if start_method == "forkserver":
+        ctx.set_forkserver_preload(["torch", "deepspeed", "transformers", "ad2_ds.dist"])
     port = dist.find_free_port()
     procs, conns = [], []
+    stacks_dir = tempfile.TemporaryDirectory(prefix="launch-stacks-")
+    stacks = [os.path.join(stacks_dir.name, f"rank{rank}.txt") for rank in range(world_size)]
     for rank in range(world_size):
         recv, send = ctx.Pipe(duplex=False)
-        p = ctx.Process(
-            target=_worker, args=(fn, rank, world_size, port, tuple(args), dict(kwargs or {}), send), daemon=True
-        )
+        job = (fn, rank, world_size, port, tuple(args), dict(kwargs or {}), send, stacks[rank])
+        p = ctx.Process(target=_worker, args=job, daemon=True)
         p.start()
         send.close()
         procs.append(p)
@@ -122,7 +136,8 @@ def launch(
             if left <= 0:
                 raise TimeoutError(
                     f"launch: ranks {sorted(pending)} of {world_size} did not finish within {timeout_s:.0f} s "
-                    "(a hang, e.g. ranks waiting in different collectives)"
+                    "(a hang, e.g. ranks waiting in different collectives); where they were:\n"
+                    + _stacks_of({r: procs[r] for r in pending}, stacks)
                 )
             ready = wait(list(pending.values()) + [procs[r].sentinel for r in pending], timeout=min(left, 1.0))
             for rank, conn in list(pending.items()):
@@ -154,3 +169,27 @@ def launch(
                 p.join(5)
         for c in conns:
             c.close()
+        stacks_dir.cleanup()
+
+
+def _fork_is_safe() -> bool:
+    """Fork copies only the calling thread: a lock another Python thread holds at that moment (an import lock,
+    tqdm's, a queue's) stays held forever in the child. Fork only when this is the process's one Python thread."""
+    return threading.active_count() == 1
+
+
+def _stacks_of(procs, paths, wait_s: float = 3.0) -> str:
+    """Ask each still-running rank for its threads' Python stacks (SIGUSR1, see ``_worker``) and return them."""
+    for p in procs.values():
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGUSR1)
+    time.sleep(wait_s)
+    parts = []
+    for rank in procs:
+        try:
+            with open(paths[rank]) as f:
+                text = f.read().strip()
+        except OSError:
+            text = ""
+        parts.append(f"--- rank {rank} ---\n{text or '(no stacks: the rank did not start or did not answer)'}")
+    return "\n".join(parts)

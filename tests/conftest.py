@@ -8,6 +8,12 @@ import torch
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# No tqdm monitor thread: a second Python thread makes ad2_ds.testing.launch start ranks by forkserver (slower) instead
+# of fork, because forking while another thread holds a lock leaves that lock held forever in the child.
+import tqdm  # noqa: E402
+
+tqdm.tqdm.monitor_interval = 0
+
 WORDS = (
     "the a an is was good bad great awful movie film plot acting fun boring not very really what who where when "
     "why how which question answer spam free win call now prize text me you love hate it this that".split()

@@ -57,12 +57,22 @@ def test_launch_propagates_a_rank_exception():
 def _hang(rank, world_size):
     import time
 
-    time.sleep(60)
+    dist.init_distributed()
+    if rank == 0:
+        torch.distributed.barrier()  # HANG-0: rank 1 never joins
+    time.sleep(60)  # HANG-1
 
 
-def test_launch_times_out_on_a_hang():
-    with pytest.raises(TimeoutError):
-        launch(_hang, world_size=2, timeout_s=3)
+def test_launch_times_out_on_a_hang_and_says_where_each_rank_was():
+    import inspect
+
+    with pytest.raises(TimeoutError) as info:
+        launch(_hang, world_size=2, timeout_s=10)
+    lines, first = inspect.getsourcelines(_hang)
+    where = {tag: first + i for i, line in enumerate(lines) for tag in ("HANG-0", "HANG-1") if tag in line}
+    msg = str(info.value)
+    rank0, rank1 = msg.split("--- rank 0 ---")[1].split("--- rank 1 ---")
+    assert f"line {where['HANG-0']} in _hang" in rank0 and f"line {where['HANG-1']} in _hang" in rank1
 
 
 def _env(rank, world_size):
@@ -73,6 +83,28 @@ def test_launch_sets_rank_env():
     envs = launch(_env, world_size=2, timeout_s=30)
     assert [e["RANK"] for e in envs] == ["0", "1"]
     assert all(e["WORLD_SIZE"] == "2" and e["LOCAL_SIZE"] == "2" and e["OMP_NUM_THREADS"] == "1" for e in envs)
+
+
+def _parent(rank, world_size):
+    dist.init_distributed()
+    x = torch.tensor([rank + 1.0])
+    torch.distributed.all_reduce(x)
+    return os.getppid(), x.item()
+
+
+def test_launch_forks_only_a_single_threaded_process():
+    import threading
+
+    assert all(ppid == os.getpid() and total == 3.0 for ppid, total in launch(_parent, world_size=2, timeout_s=60))
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)
+    other.start()
+    try:  # another Python thread might hold a lock at the fork: the ranks come from a fork server instead
+        served = launch(_parent, world_size=2, timeout_s=120)
+        assert all(ppid != os.getpid() and total == 3.0 for ppid, total in served)
+    finally:
+        stop.set()
+        other.join()
 
 
 def _single(rank, world_size):
