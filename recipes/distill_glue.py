@@ -72,7 +72,9 @@ def parse_args(argv=None):
         default=0,
         help="text-editing baseline: add N WordNet synonym-replaced copies of every training example (TinyBERT's xN)",
     )
-    p.add_argument("--augment_prob", type=float, default=0.1, help="chance that a word with synonyms is replaced")
+    p.add_argument(
+        "--augment_alpha", type=float, default=0.1, help="EDA's alpha: each copy replaces max(1, alpha x words) words"
+    )
     p.add_argument("--augment_seed", type=int, default=0, help="seed of the copies (fixed: all methods see the same)")
     p.add_argument(
         "--wordnet_dir", help="WordNet 3.0 database folder; default: $WORDNET_DIR or /usr/share/wordnet (wordnet-base)"
@@ -173,8 +175,8 @@ def check_cheap(args):
         raise UsageError("--num_train_epochs must be >= 1, --max_seq_length >= 8, --max_train_samples >= 0")
     if args.teacher_tp_size < 1:
         raise UsageError("--teacher_tp_size must be >= 1")
-    if args.augment_copies < 0 or not 0.0 < args.augment_prob <= 1.0:
-        raise UsageError("--augment_copies must be >= 0 and --augment_prob in (0, 1]")
+    if args.augment_copies < 0 or not 0.0 < args.augment_alpha <= 1.0:
+        raise UsageError("--augment_copies must be >= 0 and --augment_alpha in (0, 1]")
     if args.augment_copies:
         from ad2_ds.data.augment import default_wordnet_dir, missing_wordnet_files
 
@@ -268,7 +270,7 @@ def load_splits(args, task) -> dict:
         from ad2_ds.data.augment import WordNet, augment_dataset
 
         wordnet = WordNet(args.wordnet_dir)
-        train_raw = augment_dataset(train_raw, wordnet, args.augment_copies, args.augment_prob, args.augment_seed)
+        train_raw = augment_dataset(train_raw, wordnet, args.augment_copies, args.augment_alpha, args.augment_seed)
         wordnet.close()
     if dist.get_rank() == 0:
         dist.barrier()

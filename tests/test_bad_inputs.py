@@ -75,8 +75,8 @@ CASES = {
         lambda t, d, te, ds: {"--augment_copies": "2", "--wordnet_dir": str(t)},
         "apt install wordnet-base",
     ),
-    "augmentation prob out of range": (lambda t, d, te, ds: {"--augment_copies": "2", "--augment_prob": "0"},
-                                       "--augment_prob"),  # fmt: skip
+    "augmentation alpha out of range": (lambda t, d, te, ds: {"--augment_copies": "2", "--augment_alpha": "0"},
+                                        "--augment_alpha"),  # fmt: skip
     "teacher without a trained head": (lambda t, d, te, ds: {"--teacher": str(_base_model(t))}, "no fine-tuned"),
 }
 

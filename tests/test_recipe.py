@@ -214,7 +214,7 @@ def test_text_editing_baseline_distils_on_the_originals_and_their_copies(fixture
     wordnet = write_tiny_wordnet(tmp_path / "wordnet")
     cache = tmp_path / "cache"
     args = ["--num_train_epochs", "1", "--method", "kd", "--teacher_cache", str(cache), "--augment_copies", "2",
-            "--augment_prob", "0.5", "--wordnet_dir", str(wordnet)]  # fmt: skip
+            "--augment_alpha", "0.5", "--wordnet_dir", str(wordnet)]  # fmt: skip
     assert distill_glue.main(_argv(data, teacher, ds, tmp_path / "a", *args)) == 0
     a = json.loads((tmp_path / "a" / "results.json").read_text())
     assert a["train_examples"] == 3 * 40  # the fixture's 40 sentences and 2 copies of each

@@ -1,14 +1,16 @@
 """Text-editing data augmentation, the baseline AD² is measured against: WordNet synonym replacement, ×N copies.
 
     wordnet = WordNet("/usr/share/wordnet")        # WordNet 3.0's database (Debian/Ubuntu: apt install wordnet-base)
-    train = augment_dataset(train, wordnet, copies=8, prob=0.1, seed=0)   # the originals, then 8 edited copies of each
-    # or from the recipe: distill_glue.py --method kd --augment_copies 8 --augment_prob 0.1
+    train = augment_dataset(train, wordnet, copies=8, alpha=0.1, seed=0)  # the originals, then 8 edited copies of each
+    # or from the recipe: distill_glue.py --method kd --augment_copies 8 --augment_alpha 0.1
 
 This is EDA's synonym replacement (Wei & Zou, 2019) used the way TinyBERT (Jiao et al., 2020) uses its augmentation:
 every training example gets ``copies`` edited copies, and the student distils from the teacher on all of them. In each
-copy, every word that is not a stop word and has a WordNet synonym is replaced, with probability ``prob``, by one of
-its synonyms drawn uniformly (TinyBERT's per-word rule; EDA's own default edits about 10% of the words). A copy keeps
-its original's label (EDA's convention); the KD term then pulls it to the teacher's soft label for the edited text.
+copy, ``n = max(1, int(alpha * words))`` of the words that are not stop words and have WordNet synonyms (drawn
+without replacement; all of them if fewer) are each replaced by one of their synonyms, drawn uniformly: EDA's rule,
+so a copy differs from its original whenever the sentence has a word to replace (a per-word coin, TinyBERT's rule,
+leaves ~45% of the copies identical at 10% on short sentences). A copy keeps its original's label (EDA's
+convention); the KD term then pulls it to the teacher's soft label for the edited text.
 
 Each copy is a pure function of ``(seed, idx, copy)``: the same arguments give the same data on every rank and in every
 run, and copy ``k`` of the example with id ``i`` gets the id ``i + k * stride`` (``stride`` = the largest id + 1), so
@@ -146,36 +148,41 @@ def _match_case(word: str, like: str) -> str:
     return word
 
 
-def replace_synonyms(text: str, synonyms, prob: float, rng: np.random.Generator, stop_words=frozenset()) -> str:
-    """``text`` with each word that is not in ``stop_words`` and has synonyms (``synonyms(word) -> sequence``)
-    replaced, with probability ``prob``, by one drawn uniformly. Spacing and punctuation are kept; so is the case
-    of a capitalised or upper-case word."""
-
-    def edit(m: re.Match) -> str:
-        word = m.group(0)
-        if word.lower() in stop_words:
-            return word
-        options = synonyms(word.lower())
-        if not options or rng.random() >= prob:
-            return word
-        return _match_case(options[int(rng.integers(len(options)))], word)
-
-    return _WORD.sub(edit, text)
+def replace_synonyms(text: str, synonyms, alpha: float, rng: np.random.Generator, stop_words=frozenset()) -> str:
+    """``text`` with ``max(1, int(alpha * words))`` of its words that are not in ``stop_words`` and have synonyms
+    (``synonyms(word) -> sequence``) each replaced by one drawn uniformly (all such words when there are fewer;
+    ``alpha=0`` edits nothing). Spacing and punctuation are kept; so is the case of a capitalised or upper-case
+    word."""
+    matches = list(_WORD.finditer(text))
+    if alpha <= 0 or not matches:
+        return text
+    eligible = [m for m in matches if m.group(0).lower() not in stop_words and synonyms(m.group(0).lower())]
+    n = min(len(eligible), max(1, int(alpha * len(matches))))
+    if n == 0:
+        return text
+    chosen = sorted(rng.choice(len(eligible), size=n, replace=False).tolist())
+    out, end = [], 0
+    for j in chosen:
+        m = eligible[j]
+        options = synonyms(m.group(0).lower())
+        out += [text[end : m.start()], _match_case(options[int(rng.integers(len(options)))], m.group(0))]
+        end = m.end()
+    return "".join(out) + text[end:]
 
 
 def augment_dataset(
     ds: datasets.Dataset,
     wordnet: WordNet,
     copies: int,
-    prob: float,
+    alpha: float,
     seed: int = 0,
     text_columns: Sequence[str] = ("text_a", "text_b"),
     stop_words: Optional[frozenset] = None,
 ) -> datasets.Dataset:
     """``ds`` followed by ``copies`` synonym-replaced copies of it (same columns; ``idx`` made unique, see the
     module docstring). ``copies=0`` returns ``ds`` unchanged."""
-    if copies < 0 or not 0.0 < prob <= 1.0:
-        raise ValueError(f"augment_dataset: copies must be >= 0 and prob in (0, 1], got {copies} and {prob}")
+    if copies < 0 or not 0.0 < alpha <= 1.0:
+        raise ValueError(f"augment_dataset: copies must be >= 0 and alpha in (0, 1], got {copies} and {alpha}")
     if copies == 0 or len(ds) == 0:
         return ds
     stop_words = _stop_words() if stop_words is None else stop_words
@@ -189,13 +196,13 @@ def augment_dataset(
         for j, i in enumerate(batch["idx"]):
             rng = np.random.default_rng([seed, int(i), k])
             for c in columns:
-                out[c].append(replace_synonyms(batch[c][j], wordnet.synonyms, prob, rng, stop_words))
+                out[c].append(replace_synonyms(batch[c][j], wordnet.synonyms, alpha, rng, stop_words))
         out["idx"] = [int(i) + k * stride for i in batch["idx"]]
         return out
 
     parts = [ds]
     for k in range(1, copies + 1):
-        key = f"{parent}-synonyms-{wordnet.signature()}-p{prob}-s{seed}-k{k}-{','.join(columns)}"
+        key = f"{parent}-synonyms-{wordnet.signature()}-a{alpha}-s{seed}-k{k}-{','.join(columns)}"
         parts.append(
             ds.map(
                 edit_batch,
