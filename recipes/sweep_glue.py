@@ -50,6 +50,13 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, RECIPES)
 
 OWNED = ("--task", "--method", "--seed", "--output_dir", "--deepspeed", "--deepspeed_config", "--teacher_cache")
+# distill_glue flags that cannot change what a teacher cache holds (flag -> how many values follow it): they do not
+# give a run its own cache. Any other pass-through flag does (the cache's fingerprint would refuse a mismatch).
+CACHE_NEUTRAL = {
+    "--no_progress": 0, "--keep_zero_stage": 0, "--no_stream_teacher": 0, "--no_group_by_length": 0,
+    "--random_start": 0, "--naive_pga": 0, "--eval_steps": 1, "--num_train_epochs": 1, "--max_eval_samples": 1,
+    "--temperature": 1, "--alpha": 1, "--epsilon": 1, "--step_size": 1, "--pga_steps": 1,
+}  # fmt: skip
 
 
 def parse_args(argv=None):
@@ -142,7 +149,7 @@ def plan(args, passthrough):
     """Every run, in the order they go: task, seed, grid point, method (a cut-short sweep has all methods for the
     seeds it reached)."""
     epsilons = args.epsilons or [None]
-    tag = "-" + hashlib.sha1(" ".join(passthrough).encode()).hexdigest()[:8] if passthrough else ""
+    tag = cache_tag(passthrough)
     runs = []
     for task in args.tasks:
         for seed in args.seeds:
@@ -166,6 +173,19 @@ def plan(args, passthrough):
                             runs.append(dict(task=task, method=method, config=cname, seed=seed, lr=lr, bs=bs,
                                              epsilon=eps, out=out, argv=argv, cache=method + tag))  # fmt: skip
     return runs
+
+
+def cache_tag(passthrough) -> str:
+    """"" when the pass-through flags leave the teacher's inputs as they are, else "-" + a hash of those that do."""
+    kept, i = [], 0
+    while i < len(passthrough):
+        flag = passthrough[i].split("=")[0]
+        if flag in CACHE_NEUTRAL:
+            i += 1 + (CACHE_NEUTRAL[flag] if "=" not in passthrough[i] else 0)
+        else:
+            kept.append(passthrough[i])
+            i += 1
+    return "-" + hashlib.sha1(" ".join(kept).encode()).hexdigest()[:8] if kept else ""
 
 
 def needs_attentions(argv) -> bool:

@@ -76,14 +76,16 @@ def test_pass_through_flags_get_their_own_teacher_cache(tmp_path):
     base = ["--sweep_dir", str(tmp_path), "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"), "--methods", "kd",
             "--seeds", "1", "2"]  # fmt: skip
     caches = {}
-    flags = {"plain": [], "augment": ["--augment_copies", "4"], "skip": ["--student_layers", "skip:3"]}
+    flags = {"plain": [], "augment": ["--augment_copies", "4"], "skip": ["--student_layers", "skip:3"],
+             "neutral": ["--no_progress", "--epsilon", "1", "--eval_steps=10"]}  # fmt: skip
     for name, extra in flags.items():
         args, passthrough = sweep_glue.parse_args(base + extra)
         runs = sweep_glue.plan(args, passthrough)
         assert len({r["cache"] for r in runs}) == 1  # one cache for the seeds of a (task, method)
         caches[name] = runs[0]["cache"]
-    assert caches["plain"] == "kd" and len(set(caches.values())) == 3  # augmented data never meets a plain cache
-    assert all(c.startswith("kd-") for name, c in caches.items() if name != "plain")
+    assert caches["plain"] == caches["neutral"] == "kd"  # flags that cannot change the cache share it
+    assert len(set(caches.values())) == 3  # augmented data never meets a plain cache
+    assert caches["augment"].startswith("kd-") and caches["skip"].startswith("kd-")
 
 
 @pytest.mark.parametrize(
