@@ -25,10 +25,12 @@ def label(results: dict) -> str:
 
 
 def row(run_dir: str) -> dict:
+    from ad2_ds.data.tasks import get_task
+
     with open(os.path.join(run_dir, "results.json")) as f:
         r = json.load(f)
     setup = r.get("setup_seconds", {})
-    metric = next(k for k in r["best"] if k != "step")
+    metric = get_task(r["task"]).main_metric  # the score the sweep ranks by (sms-spam's best also holds accuracy)
     return {
         "run": run_dir,
         "label": label(r),

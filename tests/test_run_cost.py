@@ -10,10 +10,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def _run(path, method, copies, eps, train, setup, cache="c"):
+def _run(path, method, copies, eps, train, setup, cache="c", task="movie-polarity", best=None):
     path.mkdir(parents=True)
-    results = {"method": method, "args": {"augment_copies": copies, "seed": 42, "teacher_cache": cache},
-               "config": {"epsilon": eps}, "best": {"step": 3, "accuracy": 0.8}, "train_examples": 2000 * (copies + 1),
+    results = {"task": task, "method": method, "args": {"augment_copies": copies, "seed": 42, "teacher_cache": cache},
+               "config": {"epsilon": eps}, "best": best or {"step": 3, "accuracy": 0.8},
+               "train_examples": 2000 * (copies + 1),
                "train_seconds": train, "setup_seconds": setup, "engine": {"zero_stage": 0}}  # fmt: skip
     (path / "results.json").write_text(json.dumps(results))
     return str(path)
@@ -32,6 +33,14 @@ def test_totals_labels_and_ratios_to_the_reference(tmp_path, capsys):
     assert [r["total_seconds"] for r in rows] == [120.0, 240.0, 562.0]
     assert [round(r["total_ratio_to_ref"], 3) for r in rows] == [0.5, 1.0, round(562 / 240, 3)]
     assert rows[2]["teacher"] == "live" and rows[2]["train_examples"] == 10000
+
+
+def test_the_score_is_the_tasks_main_metric(tmp_path):
+    import run_cost
+
+    spam = _run(tmp_path / "spam", "kd", 0, 1e-5, 1.0, {}, task="sms-spam",
+                best={"step": 3, "accuracy": 0.99, "f1": 0.95})  # fmt: skip
+    assert (run_cost.row(spam)["metric"], run_cost.row(spam)["score"]) == ("f1", 0.95)
 
 
 def test_a_folder_without_results_is_refused(tmp_path, capsys):
