@@ -19,6 +19,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from .flags import setting
+
 PRESETS = {
     "finetune": dict(
         w_ce=1.0, w_kd=0.0, alpha=0.0, w_hidden=0.0, w_attention=0.0, w_pkd=0.0, adversarial_target="teacher"
@@ -57,24 +59,28 @@ class AD2Config:
     adversarial_deep_kd: also apply the deep-KD terms to the adversarial forward (paper's DKD on both inputs).
     """
 
-    method: str = "ad2"
-    alpha: Optional[float] = None
-    temperature: float = 1.0
-    epsilon: float = 1e-5
-    step_size: float = 1e-3
-    pga_steps: int = 1
-    random_start: bool = False
-    fast_pga: bool = True
-    w_ce: Optional[float] = None
-    w_kd: Optional[float] = None
-    w_hidden: Optional[float] = None
-    w_attention: Optional[float] = None
-    w_pkd: Optional[float] = None
-    adversarial_target: Optional[str] = None
-    adversarial_deep_kd: bool = True
-    layer_map: str = "uniform"
-    attention_loss: str = "kl"
-    head_mismatch: str = "mean"
+    method: str = setting("ad2", "finetune | kd | pkd | ad2 | ad2-dkd | ad2-kd")
+    alpha: Optional[float] = setting(None, "override the method's preset weight", teacher_outputs=False)
+    temperature: float = setting(1.0, teacher_outputs=False)
+    epsilon: float = setting(1e-5, "radius of δ's per-example L2 ball", teacher_outputs=False)
+    step_size: float = setting(1e-3, "η of the normalised ascent", teacher_outputs=False)
+    pga_steps: int = setting(1, "K", teacher_outputs=False)
+    random_start: bool = setting(False, teacher_outputs=False)
+    fast_pga: bool = setting(
+        True, "recompute the clean forward for the first ascent step", flag="naive_pga", teacher_outputs=False
+    )
+    w_ce: Optional[float] = setting(None, "override the method's preset weight")
+    w_kd: Optional[float] = setting(None, "override the method's preset weight")
+    w_hidden: Optional[float] = setting(None, "override the method's preset weight")
+    w_attention: Optional[float] = setting(None, "override the method's preset weight")
+    w_pkd: Optional[float] = setting(None, "override the method's preset weight")
+    adversarial_target: Optional[str] = setting(None, "override the method's preset: teacher | labels")
+    adversarial_deep_kd: bool = setting(
+        True, "apply the deep-KD terms to the clean forward only", negate=True, teacher_outputs=False
+    )
+    layer_map: str = setting("uniform", "uniform | bottom | top | explicit 's:t,...'")
+    attention_loss: str = setting("kl", "kl | mse", teacher_outputs=False)
+    head_mismatch: str = setting("mean", "mean | error", teacher_outputs=False)
 
     def __post_init__(self):
         if self.method not in PRESETS:
@@ -153,3 +159,11 @@ def parse_layer_pairs(spec: str):
             f"layer_map {spec!r} is not one of {LAYER_MAPS} nor explicit pairs like '1:2,2:4,3:6' (student:teacher)"
         )
     return pairs
+
+
+class ConfigError(ValueError):
+    """A bad setting, named by its config field (``field``); a command line shows the field's flag instead."""
+
+    def __init__(self, field: str, detail: str):
+        super().__init__(f"{field} {detail}")
+        self.field, self.detail = field, detail

@@ -13,7 +13,6 @@ Works the same under ``python script.py`` (one rank: the env defaults are filled
 See ``/work/shared/notes/deepspeed-on-cpu.md`` for why each default is what it is.
 """
 
-import importlib
 import os
 import socket
 import sys
@@ -22,6 +21,9 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as tdist
+
+from . import patches
+from .patches import default_group  # noqa: F401  (re-exported: its home was here)
 
 # Pad values used when micro-batches of different sequence lengths are stacked (the attention mask pads with 0,
 # so padded positions are invisible to the model; labels pad with the HF ignore index).
@@ -75,10 +77,7 @@ def init_distributed(backend: Optional[str] = None, shm_op: bool = False, timeou
     if backend is None:
         backend = "nccl" if on_gpu else "gloo"
     if not on_gpu and not shm_op:
-        # ``import deepspeed.comm.torch as m`` would give torch's module (deepspeed.comm re-exports torch); the
-        # module object itself lives in sys.modules.
-        importlib.import_module("deepspeed.comm.torch")
-        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+        patches.no_shm_op()
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     kwargs = {}
@@ -338,64 +337,3 @@ class StudentGroupMPU:
     get_tensor_model_parallel_group = get_model_parallel_group
     get_tensor_model_parallel_rank = get_model_parallel_rank
     get_tensor_model_parallel_world_size = get_model_parallel_world_size
-
-
-class _GroupAsWorld:
-    """Stands in for DeepSpeed's comm backend: collectives called without a group run on ``group``, and their
-    src/dst ranks are read as ranks of ``group``; everything else is forwarded unchanged."""
-
-    def __init__(self, backend, group):
-        self._backend, self._group = backend, group
-
-    def __getattr__(self, name):
-        return getattr(self._backend, name)
-
-    def _g(self, group):
-        return self._group if group is None or group is tdist.GroupMember.WORLD else group
-
-    def barrier(self, group=None, **kw):
-        return self._backend.barrier(group=self._g(group), **kw)
-
-    def all_reduce(self, tensor, op=tdist.ReduceOp.SUM, group=None, async_op=False):
-        return self._backend.all_reduce(tensor, op, self._g(group), async_op)
-
-    def broadcast(self, tensor, src, group=None, async_op=False):
-        if group is None:
-            src = tdist.get_global_rank(self._group, src)
-        return self._backend.broadcast(tensor=tensor, src=src, group=self._g(group), async_op=async_op)
-
-
-class default_group:
-    """``with default_group(group[, engine]): ...``: DeepSpeed's barrier / all_reduce / broadcast issued without a
-    group (meaning the whole world) run on ``group`` instead, ``broadcast(src=0)`` meaning the group's first rank;
-    with ``engine``, its ``global_rank`` reads as the rank in ``group`` meanwhile (DeepSpeed's checkpoint code lets
-    global rank 0 create the folder and write ``latest``).
-
-    For DeepSpeed code run by a subset of the ranks that would otherwise wait for the rest of the world:
-    ``init_inference`` with tp_size > 1 broadcasts an RNG state from rank 0 over the world, ``save_checkpoint``
-    puts world barriers and a world all_reduce (tag check) around the save. ``group=None``: no change.
-    """
-
-    def __init__(self, group, engine=None):
-        self.group, self.engine = group, engine
-
-    def __enter__(self):
-        self._comm = sys.modules.get("deepspeed.comm.comm")
-        if self.group is None:
-            self._comm = None
-            return self
-        if self._comm is not None and self._comm.cdb is not None:
-            self._saved = self._comm.cdb
-            self._comm.cdb = _GroupAsWorld(self._saved, self.group)
-        else:
-            self._comm = None
-        if self.engine is not None:
-            self._global_rank = self.engine.global_rank
-            self.engine.global_rank = tdist.get_rank(self.group)
-        return self
-
-    def __exit__(self, *exc):
-        if self._comm is not None:
-            self._comm.cdb = self._saved
-        if self.group is not None and self.engine is not None:
-            self.engine.global_rank = self._global_rank

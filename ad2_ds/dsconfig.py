@@ -24,6 +24,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .patches import skip_single_rank_allreduce  # noqa: F401  (re-exported: its home was here)
+
 
 def load_ds_config(path: str, world_size: int = 1, on_gpu: Optional[bool] = None) -> dict:
     if not path:
@@ -104,12 +106,3 @@ def single_rank_config(cfg: dict, data_parallel_size: int) -> Tuple[dict, Option
         f"one data-parallel rank: ZeRO stage {stage} would partition nothing and only copy gradients and weights "
         "each step; running stage 0 (--keep_zero_stage keeps the config's stage)"
     )
-
-
-def skip_single_rank_allreduce(engine) -> bool:
-    """Turn off a stage-0 engine's gradient all-reduce when its data-parallel world is one rank (True if it did).
-    DeepSpeed runs it even then: it flattens every gradient, all-reduces over one rank and copies them back."""
-    if engine.zero_optimization_stage() != 0 or engine.dp_world_size != 1:
-        return False
-    engine.enable_backward_allreduce = False
-    return True

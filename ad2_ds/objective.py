@@ -35,8 +35,10 @@ from .modeling import (
     unwrap_model,
     use_predropout_attention,
 )
+from .patches import engine_pre_forward
 from .perturb import per_example_norm, pga_perturbation
 from .teachers.base import TEACHER_PREFIX, TeacherOutput
+from .teachers.factory import TeacherNeeds
 
 logger = logging.getLogger(__name__)
 _FP16_ASCENT_SCALE = 1024.0  # keeps fp16 input gradients from underflowing; the step is normalised anyway
@@ -91,6 +93,13 @@ class AD2Objective(nn.Module):
         """ZeRO-3 releases a module's gathered weights after the first backward through it, so the clean graph
         cannot be differentiated twice (once for δ, once for the loss); the ascent then takes the naive path."""
         return any(hasattr(p, "ds_status") for p in self.student.parameters())
+
+    def teacher_needs(self) -> TeacherNeeds:
+        """What this objective needs from a teacher: the hidden-state indices its layer map compares (None when it
+        compares none) and whether it compares attention maps. :func:`ad2_ds.teachers.factory.build_teacher` takes
+        it."""
+        layers = sorted({m.layer_t for m in (self.matches or []) if m.feature in ("hidden", "cls")})
+        return TeacherNeeds(tuple(layers) if self.config.needs_hidden_states else None, self.config.needs_attentions)
 
     def close(self) -> None:
         """Remove the hook this objective put on the student's embedding layer."""
@@ -201,7 +210,7 @@ class AD2Objective(nn.Module):
         cfg, t = self.config, teacher_output
         self._check(batch, t)
         if self._forward_s is not None:
-            _engine_pre_forward(self._forward_s)
+            engine_pre_forward(self._forward_s)
         inputs = model_inputs(batch, self._accepted)
         mask, labels = batch["attention_mask"], batch["labels"]
         need_h, need_a = cfg.needs_hidden_states, cfg.needs_attentions
@@ -330,13 +339,6 @@ class AD2Objective(nn.Module):
         cfg = self.student.config
         dim = getattr(cfg, "embedding_size", None) or cfg.hidden_size
         return torch.Size((*inputs["input_ids"].shape, dim))
-
-
-def _engine_pre_forward(engine) -> None:
-    """The bookkeeping DeepSpeedEngine.forward does before calling its module (ZeRO's per-micro-step reset)."""
-    clear = getattr(getattr(engine, "optimizer", None), "clear_backward_seen_flag", None)
-    if clear is not None:
-        clear()
 
 
 def _layer(seq, index: int, what: str) -> torch.Tensor:

@@ -30,26 +30,8 @@ from multiprocessing.connection import wait
 from typing import Any, Callable, List, Optional, Sequence
 
 from . import dist
-
-
-def reset_deepspeed_state() -> None:
-    """Forget DeepSpeed's module-level distributed state (comm backend, cached process groups, the inference TP
-    group). A forked child inherits it from the parent, and a test that ended its process group leaves it stale:
-    either way it would look initialized and skip the real setup, or hand out groups that no longer exist."""
-    import sys
-
-    comm = sys.modules.get("deepspeed.comm.comm")
-    if comm is not None:
-        comm.cdb = None
-    engine = sys.modules.get("deepspeed.inference.engine")
-    if engine is not None:
-        engine.InferenceEngine.inference_mp_group = None
-    groups = sys.modules.get("deepspeed.utils.groups")
-    if groups is not None:
-        for name, value in list(vars(groups).items()):
-            if name.startswith("_") and name.endswith(("_GROUP", "_GROUP_RANKS")):
-                setattr(groups, name, {} if isinstance(value, dict) else None)
-        groups.mpu = None
+from .patches import reset_deepspeed_state  # noqa: F401  (re-exported: tests import it from here)
+from .trainer import Callback
 
 
 def _worker(fn, rank, world_size, port, args, kwargs, conn, stacks_path) -> None:
@@ -193,3 +175,24 @@ def _stacks_of(procs, paths, wait_s: float = 3.0) -> str:
             text = ""
         parts.append(f"--- rank {rank} ---\n{text or '(no stacks: the rank did not start or did not answer)'}")
     return "\n".join(parts)
+
+
+class FaultAt(Callback):
+    """A fault injected through the loop's step callbacks: this process gets SIGKILL or SIGTERM after ``at``
+    micro-steps of this run, on global rank ``rank`` only when given. ``FaultAt.parse("kill@7")``, ``"term@3:0"``."""
+
+    def __init__(self, kind: str, at: int, rank: Optional[int] = None):
+        if kind not in ("kill", "term"):
+            raise ValueError(f"fault kind must be kill or term, got {kind!r}")
+        self.kind, self.at, self.rank, self.steps = kind, at, rank, 0
+
+    @classmethod
+    def parse(cls, spec: str) -> "FaultAt":
+        kind, _, at = spec.partition("@")
+        at, _, rank = at.partition(":")
+        return cls(kind, int(at), int(rank) if rank else None)
+
+    def on_micro_step(self, state, losses) -> None:
+        self.steps += 1
+        if self.steps == self.at and (self.rank is None or dist.get_rank() == self.rank):
+            os.kill(os.getpid(), {"kill": signal.SIGKILL, "term": signal.SIGTERM}[self.kind])

@@ -12,29 +12,23 @@ micro-batches it already consumed. Checkpoints are taken at optimizer-step bound
 resumed run continues bit for bit.
 """
 
-import dataclasses
-import json
 import logging
 import math
 import os
-import random
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from .checkpoint import TrainState, load_state, save_state, world
 from .data.glue import example_lengths
 from .teachers.base import Teacher
 
 logger = logging.getLogger(__name__)
 CKPT_DIR = "checkpoints"
-# Fault injection for the fault tests: "kill@7" / "term@5" sends this process SIGKILL / SIGTERM after that many
-# micro-steps of this run; "kill@3:1" does it on global rank 1 only.
-FAULT_ENV = "AD2_FAULT"
 
 
 class TrainingInterrupted(Exception):
@@ -88,19 +82,6 @@ def _sync_flags(loss: torch.Tensor, stop: int, group=None) -> tuple:
     return bool(flags[0]), int(flags[1])
 
 
-def _inject_fault(steps_this_run: int) -> None:
-    spec = os.environ.get(FAULT_ENV, "")
-    if "@" in spec:
-        kind, _, at = spec.partition("@")
-        at, _, only_rank = at.partition(":")
-        if only_rank and int(only_rank) != world()[0]:
-            return
-        if steps_this_run == int(at):
-            import signal
-
-            os.kill(os.getpid(), {"kill": signal.SIGKILL, "term": signal.SIGTERM}[kind])
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     output_dir: str
@@ -118,31 +99,6 @@ class TrainConfig:
             raise ValueError(f"num_train_epochs must be >= 1, got {self.num_train_epochs}")
         if self.eval_steps < 0:
             raise ValueError(f"eval_steps must be >= 0, got {self.eval_steps}")
-
-
-@dataclass
-class TrainState:
-    """Everything a resumed run needs besides the engine's own checkpoint."""
-
-    epoch: int = 0
-    micro_step_in_epoch: int = 0  # micro-batches of ``epoch`` already consumed
-    global_step: int = 0
-    best_metric: Optional[float] = None
-    best_step: int = -1
-    best_scores: Dict[str, float] = field(default_factory=dict)
-    history: List[dict] = field(default_factory=list)
-    train_seconds: float = 0.0
-    samples: int = 0
-    teacher_wait_seconds: float = 0.0
-    nonfinite_skipped: int = 0
-    rng: Optional[List[dict]] = None  # one RNG state per rank
-
-
-def world(group=None) -> tuple:
-    """(rank, world size) in ``group`` (None: the whole world); the hosted layout passes its student group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(group), dist.get_world_size(group)
-    return 0, 1
 
 
 def epoch_batches(
@@ -186,32 +142,6 @@ def _length_grouped(lengths: Sequence[int], global_bs: int, g: torch.Generator, 
     tail = batches.pop() if len(batches) > 1 and len(batches[-1]) < global_bs else None
     batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
     return [i for b in batches + ([tail] if tail else []) for i in b]
-
-
-def _rng_state() -> dict:
-    return {
-        "torch": torch.get_rng_state().tolist(),
-        "python": _jsonable(random.getstate()),
-        "numpy": _jsonable(np.random.get_state()),
-    }
-
-
-def _jsonable(x):
-    if isinstance(x, tuple) or isinstance(x, list):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    return x
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    npy = state["numpy"]
-    np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), npy[2], npy[3], npy[4]))
 
 
 @torch.no_grad()
@@ -270,6 +200,109 @@ def evaluate(
     return scores
 
 
+class Callback:
+    """Hooks around the loop's steps; override what you need. ``losses``: the objective's dict of tensors."""
+
+    def on_train_start(self, state: TrainState, total_micro_steps: int) -> None: ...
+
+    def on_micro_step(self, state: TrainState, losses: Dict[str, torch.Tensor]) -> None: ...
+
+    def on_optimizer_step(self, state: TrainState, losses: Dict[str, torch.Tensor]) -> None: ...
+
+    def on_eval(self, state: TrainState, record: dict) -> None: ...
+
+    def on_train_end(self, state: TrainState) -> None: ...
+
+
+class Callbacks(Callback):
+    """Several callbacks called in order."""
+
+    def __init__(self, callbacks: Sequence[Callback]):
+        self.callbacks = list(callbacks)
+
+    def on_train_start(self, state, total_micro_steps):
+        for c in self.callbacks:
+            c.on_train_start(state, total_micro_steps)
+
+    def on_micro_step(self, state, losses):
+        for c in self.callbacks:
+            c.on_micro_step(state, losses)
+
+    def on_optimizer_step(self, state, losses):
+        for c in self.callbacks:
+            c.on_optimizer_step(state, losses)
+
+    def on_eval(self, state, record):
+        for c in self.callbacks:
+            c.on_eval(state, record)
+
+    def on_train_end(self, state):
+        for c in self.callbacks:
+            c.on_train_end(state)
+
+
+class ProgressBar(Callback):
+    """A tqdm bar over the run's micro-steps, with the loss terms and samples/s every ``log_steps``."""
+
+    def __init__(self, log_steps: int, t_start: float, initial: int):
+        self.log_steps, self.t_start, self.initial, self.bar = log_steps, t_start, initial, None
+
+    def on_train_start(self, state, total_micro_steps):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=total_micro_steps, initial=self.initial, desc="distill", unit="batch", dynamic_ncols=True
+        )
+
+    def on_micro_step(self, state, losses):
+        self.bar.update(1)
+        if state.micro_step_in_epoch % self.log_steps == 0:
+            elapsed = time.perf_counter() - self.t_start
+            self.bar.set_postfix(
+                {k: f"{v.item():.4f}" for k, v in losses.items() if "/" not in k}
+                | {"samples/s": f"{state.samples / max(elapsed, 1e-9):.1f}"}
+            )
+
+    def on_train_end(self, state):
+        self.bar.close()
+
+
+class MonitorLog(Callback):
+    """The engine's DeepSpeed monitor (csv / tensorboard / wandb): train losses per optimizer step, eval scores."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def on_optimizer_step(self, state, losses):
+        _log_scalars(self.engine, {f"train/{k}": v.item() for k, v in losses.items() if "/" not in k})
+
+    def on_eval(self, state, record):
+        _log_scalars(self.engine, {f"eval/{k}": v for k, v in record.items() if k not in ("step", "epoch")})
+
+
+class NonFiniteGuard:
+    """Counts micro-batches whose loss is inf/NaN (on any rank: they are skipped on every rank, no backward, no step)
+    and stops the run when ``limit`` come in a row."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row = limit, 0
+
+    def skip(self, nonfinite: bool, state: TrainState, losses) -> bool:
+        if not nonfinite:
+            self.in_a_row = 0
+            return False
+        state.nonfinite_skipped += 1
+        self.in_a_row += 1
+        logger.warning("non-finite loss at epoch %d micro-step %d: skipped", state.epoch, state.micro_step_in_epoch)
+        if self.in_a_row >= self.limit:
+            raise NonFiniteLossError(
+                f"the loss was inf/NaN for {self.in_a_row} micro-batches in a row (last terms: "
+                f"{ {k: round(v.item(), 4) for k, v in losses.items() if '/' not in k} }); lower the "
+                "learning rate, check the data and the teacher, or use bf16 instead of fp16"
+            )
+        return True
+
+
 def train(
     engine,
     teacher: Optional[Teacher],
@@ -282,106 +315,95 @@ def train(
     on_eval: Optional[Callable[[dict], None]] = None,
     resume: bool = False,
     group=None,
+    callbacks: Sequence[Callback] = (),
+    run_config: Optional[dict] = None,
 ) -> TrainState:
     """Run (or resume) training; returns the final state. ``on_best(record)`` saves the best student.
-    ``group``: the ranks the engine trains on (the hosted layout's student group; None: all)."""
+    ``group``: the ranks the engine trains on (the hosted layout's student group; None: all). ``callbacks``: see
+    :class:`Callback`. ``run_config``: stored in every checkpoint."""
     rank, world_size = world(group)
-    objective = engine.module
-    student = objective.student
-    device = next(student.parameters()).device
-    micro_bs = engine.train_micro_batch_size_per_gpu()
-    gas = engine.gradient_accumulation_steps()
+    micro_bs, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     ckpt_dir = os.path.join(cfg.output_dir, CKPT_DIR)
     lengths = example_lengths(train_ds) if cfg.group_by_length else None
+    state = load_state(engine, ckpt_dir, group) if resume else TrainState()
     n_micro = len(epoch_batches(len(train_ds), micro_bs, cfg.seed, 0, rank, world_size, grad_accum=gas))
-    state = TrainState()
-    if resume:
-        state = load_state(engine, ckpt_dir, group)
-    from .metrics import main_metric_value
+    t_start = time.perf_counter() - state.train_seconds
+    hooks = Callbacks([MonitorLog(engine), *callbacks])
+    if cfg.progress and rank == 0:
+        hooks.callbacks.append(ProgressBar(cfg.log_steps, t_start, state.epoch * n_micro + state.micro_step_in_epoch))
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps)
 
-    def run_eval():
-        scores = evaluate(student, dev_sets, collator, task, micro_bs, device, group)
-        record = {"step": engine.global_steps, "epoch": state.epoch, **scores}
-        state.history.append(record)
-        value = main_metric_value(task, scores)
-        if state.best_metric is None or value > state.best_metric:
-            state.best_metric, state.best_step, state.best_scores = value, engine.global_steps, scores
-            if on_best:
-                on_best(record)
+    def evaluate_and_save():
+        state.train_seconds = time.perf_counter() - t_start
+        record = _evaluate(engine, state, dev_sets, collator, task, micro_bs, group, on_best)
+        hooks.on_eval(state, record)
         if on_eval:
             on_eval(record)
-        _log_scalars(engine, {f"eval/{k}": v for k, v in scores.items()})
-        return record
+        save_state(engine, ckpt_dir, state, group, run_config)
 
-    bar = _progress(
-        cfg, rank, total=cfg.num_train_epochs * n_micro, initial=state.epoch * n_micro + state.micro_step_in_epoch
-    )
-    t_start = time.perf_counter() - state.train_seconds
-    steps_this_run = consecutive_nonfinite = 0
+    hooks.on_train_start(state, cfg.num_train_epochs * n_micro)
     with _StopSignals() as stop:
         while state.epoch < cfg.num_train_epochs:
             batches = epoch_batches(len(train_ds), micro_bs, cfg.seed, state.epoch, rank, world_size, lengths, gas)
             todo = batches[state.micro_step_in_epoch :]
-            for batch, t_out, waited in _batches(todo, train_ds, collator, teacher, device, cfg.stream_teacher):
-                state.teacher_wait_seconds += waited
+            for batch, t_out, waited in _batches(todo, train_ds, collator, teacher, engine, cfg.stream_teacher):
                 losses = engine(batch, t_out)
                 nonfinite, stop_now = _sync_flags(losses["loss"], stop.requested, group)
-                if nonfinite:
-                    # Skip it on every rank (no backward, no step), rather than train on garbage.
-                    state.nonfinite_skipped += 1
-                    consecutive_nonfinite += 1
-                    logger.warning(
-                        "non-finite loss at epoch %d micro-step %d: skipped", state.epoch, state.micro_step_in_epoch
-                    )
-                    if consecutive_nonfinite >= cfg.max_nonfinite_steps:
-                        raise NonFiniteLossError(
-                            f"the loss was inf/NaN for {consecutive_nonfinite} micro-batches in a row (last terms: "
-                            f"{ {k: round(v.item(), 4) for k, v in losses.items() if '/' not in k} }); lower the "
-                            "learning rate, check the data and the teacher, or use bf16 instead of fp16"
-                        )
-                else:
-                    consecutive_nonfinite = 0
+                if not guard.skip(nonfinite, state, losses):
                     engine.backward(losses["loss"])
                     engine.step()
-                state.micro_step_in_epoch += 1
-                steps_this_run += 1
-                _inject_fault(steps_this_run)
-                state.samples += batch["input_ids"].shape[0] * world_size
-                boundary = engine.global_steps != state.global_step
-                state.global_step = engine.global_steps
-                if bar is not None:
-                    bar.update(1)
-                    if state.micro_step_in_epoch % cfg.log_steps == 0:
-                        elapsed = time.perf_counter() - t_start
-                        bar.set_postfix(
-                            {k: f"{v.item():.4f}" for k, v in losses.items() if "/" not in k}
-                            | {"samples/s": f"{state.samples / max(elapsed, 1e-9):.1f}"}
-                        )
-                if boundary:
-                    _log_scalars(engine, {f"train/{k}": v.item() for k, v in losses.items() if "/" not in k})
+                stepped = _advance(state, engine, batch, world_size, waited)
+                hooks.on_micro_step(state, losses)
+                if stepped:
+                    hooks.on_optimizer_step(state, losses)
                     if cfg.eval_steps and state.global_step % cfg.eval_steps == 0:
-                        state.train_seconds = time.perf_counter() - t_start
-                        run_eval()
-                        save_state(engine, ckpt_dir, state, group)
+                        evaluate_and_save()
                     elif stop_now:
                         state.train_seconds = time.perf_counter() - t_start
-                        save_state(engine, ckpt_dir, state, group)
+                        save_state(engine, ckpt_dir, state, group, run_config)
                     if stop_now:
                         raise TrainingInterrupted(stop_now, ckpt_dir)
-            state.epoch += 1
-            state.micro_step_in_epoch = 0
-            state.train_seconds = time.perf_counter() - t_start
+            state.epoch, state.micro_step_in_epoch = state.epoch + 1, 0
             if not cfg.eval_steps or state.global_step % cfg.eval_steps:
-                run_eval()
-            save_state(engine, ckpt_dir, state, group)
-    if bar is not None:
-        bar.close()
+                evaluate_and_save()
+            else:
+                state.train_seconds = time.perf_counter() - t_start
+                save_state(engine, ckpt_dir, state, group, run_config)
+    hooks.on_train_end(state)
     return state
 
 
-def _batches(todo, train_ds, collator, teacher, device, stream: bool):
+def _advance(state: TrainState, engine, batch, world_size: int, waited: float) -> bool:
+    """Count one micro-step into the state; True when it ended an optimizer step."""
+    state.micro_step_in_epoch += 1
+    state.samples += batch["input_ids"].shape[0] * world_size
+    state.teacher_wait_seconds += waited
+    stepped = engine.global_steps != state.global_step
+    state.global_step = engine.global_steps
+    return stepped
+
+
+def _evaluate(engine, state, dev_sets, collator, task, batch_size, group, on_best) -> dict:
+    """Score the student on the dev sets, record it in the history, keep (and save) the best."""
+    from .metrics import main_metric_value
+
+    student = engine.module.student
+    device = next(student.parameters()).device
+    scores = evaluate(student, dev_sets, collator, task, batch_size, device, group)
+    record = {"step": engine.global_steps, "epoch": state.epoch, **scores}
+    state.history.append(record)
+    value = main_metric_value(task, scores)
+    if state.best_metric is None or value > state.best_metric:
+        state.best_metric, state.best_step, state.best_scores = value, engine.global_steps, scores
+        if on_best:
+            on_best(record)
+    return record
+
+
+def _batches(todo, train_ds, collator, teacher, engine, stream: bool):
     """(batch, teacher output, seconds the student waited for it) for each micro-batch, in order."""
-    device = device if device is not None and device.type != "cpu" else None
+    device = next(engine.module.student.parameters()).device
+    device = device if device.type != "cpu" else None
     batches = (collator([train_ds[i] for i in ids]) for ids in todo)
     if teacher is None:
         for batch in batches:
@@ -400,108 +422,7 @@ def _to(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _progress(cfg, rank, total, initial):
-    if not cfg.progress or rank != 0:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="distill", unit="batch", dynamic_ncols=True)
-
-
 def _log_scalars(engine, values: Dict[str, float]) -> None:
     monitor = getattr(engine, "monitor", None)
     if monitor is not None and getattr(monitor, "enabled", False):
         monitor.write_events([(k, float(v), engine.global_samples) for k, v in values.items()])
-
-
-def save_state(engine, ckpt_dir: str, state: TrainState, group=None) -> None:
-    """A DeepSpeed checkpoint plus our state (as JSON). ``latest`` is replaced atomically once every rank has written
-    its files, so a kill at any moment leaves a complete checkpoint that loads; older ones are removed after that.
-    ``group``: the ranks the engine trains on; DeepSpeed's world barriers then run on it (see dist.default_group)."""
-    from .dist import default_group
-
-    # DeepSpeed stores the client state from one rank only: keep every rank's RNG state (dropout differs per rank).
-    rank, world_size = world(group)
-    rngs = [None] * world_size
-    if world_size > 1:
-        dist.all_gather_object(rngs, _rng_state(), group=group)
-    else:
-        rngs = [_rng_state()]
-    state.rng = rngs
-    tag = f"global_step{engine.global_steps}"
-    with default_group(group, engine):
-        engine.save_checkpoint(
-            ckpt_dir, tag=tag, client_state={"ad2_state": json.dumps(dataclasses.asdict(state))}, save_latest=False
-        )
-    if world_size > 1:
-        dist.barrier(group)
-    if rank == 0:
-        tmp = os.path.join(ckpt_dir, ".latest.tmp")
-        with open(tmp, "w") as f:
-            f.write(tag)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(ckpt_dir, "latest"))
-        for name in os.listdir(ckpt_dir):
-            path = os.path.join(ckpt_dir, name)
-            if name.startswith("global_step") and name != tag and os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-
-
-def _safe_globals() -> list:
-    """DeepSpeed's plain-data classes that its checkpoints hold (seen: ZeRO 0-3, bf16, offload), nothing else."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def _load_weights_only(engine) -> None:
-    """Make the engine unpickle its checkpoint files with ``weights_only=True`` (DeepSpeed's own loader does not), so
-    resuming from a checkpoint cannot run code hidden in it."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    ce = getattr(engine, "checkpoint_engine", None)
-    if type(ce) is not TorchCheckpointEngine:
-        return  # another checkpoint engine (e.g. Nebula): left as configured
-
-    def load(path, map_location=None):
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-
-    ce.load = load
-
-
-def load_state(engine, ckpt_dir: str, group=None) -> TrainState:
-    import pickle
-
-    from .dist import default_group
-
-    if not os.path.isfile(os.path.join(ckpt_dir, "latest")):
-        raise ValueError(f"--resume: no checkpoint under {ckpt_dir}; start without --resume")
-    _load_weights_only(engine)
-    try:
-        with default_group(group, engine):
-            path, client = engine.load_checkpoint(ckpt_dir)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[-1][:200]
-        raise ValueError(f"--resume: refused to unpickle {ckpt_dir} with weights_only=True ({first})") from None
-    if path is None or "ad2_state" not in (client or {}):
-        raise ValueError(f"--resume: the checkpoint under {ckpt_dir} could not be loaded")
-    state = TrainState(**json.loads(client["ad2_state"]))
-    rank, world_size = world(group)
-    if len(state.rng) != world_size:
-        raise ValueError(
-            f"--resume: the checkpoint was written by {len(state.rng)} ranks, this run has {world_size}; resume with "
-            f"the same number of ranks (the data order and each rank's random state depend on it)"
-        )
-    _set_rng_state(state.rng[rank])
-    logger.info(
-        "resumed from %s: epoch %d, micro-step %d, global step %d",
-        path,
-        state.epoch,
-        state.micro_step_in_epoch,
-        state.global_step,
-    )
-    return state

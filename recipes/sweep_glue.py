@@ -176,7 +176,7 @@ def plan(args, passthrough):
 
 
 def cache_tag(passthrough) -> str:
-    """"" when the pass-through flags leave the teacher's inputs as they are, else "-" + a hash of those that do."""
+    """ "" when the pass-through flags leave the teacher's inputs as they are, else "-" + a hash of those that do."""
     kept, i = [], 0
     while i < len(passthrough):
         flag = passthrough[i].split("=")[0]
@@ -295,9 +295,7 @@ def collect(args, runs) -> dict:
                 scores = [r["score"] for r in c["runs"] if r["score"] is not None]
                 c.update(n=len(scores), median=statistics.median(scores) if scores else None,
                          min=min(scores, default=None), max=max(scores, default=None))  # fmt: skip
-            ranked = sorted(
-                (c for c in configs.values() if c["median"] is not None), key=lambda c: -c["median"]
-            )
+            ranked = sorted((c for c in configs.values() if c["median"] is not None), key=lambda c: -c["median"])
             entry["methods"][method] = {"best": ranked[0] if ranked else None, "configs": list(configs.values())}
         summary["tasks"][task] = entry
     return summary

@@ -14,7 +14,6 @@ from ad2_ds.dist import find_free_port
 from conftest import save_tiny_teacher, write_glue_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
 
 
 @pytest.fixture
@@ -130,7 +129,7 @@ def _base_model(tmp):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_gets_one_clear_line(world, case, capsys, no_dist_left):
-    import distill_glue
+    from recipes import distill_glue
 
     tmp, data, teacher, ds = world
     make, expected = CASES[case]
@@ -158,7 +157,7 @@ def test_bad_input_gets_one_clear_line(world, case, capsys, no_dist_left):
 
 
 def test_an_existing_run_is_not_overwritten(world, capsys, no_dist_left):
-    import distill_glue
+    from recipes import distill_glue
 
     tmp, data, teacher, ds = world
     out = tmp / "run"
@@ -173,12 +172,13 @@ def test_an_existing_run_is_not_overwritten(world, capsys, no_dist_left):
 
 def test_a_rank_that_dies_takes_the_job_down_naming_it(world):
     tmp, data, teacher, ds = world
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), AD2_FAULT="kill@2:1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
         "--master_port", str(find_free_port()),
-           str(ROOT / "recipes" / "distill_glue.py"), *_argv(data, teacher, ds, tmp / "dies")]  # fmt: skip
+           str(ROOT / "tests" / "fault_run.py"), "--fault", "kill@2:1",
+           *_argv(data, teacher, ds, tmp / "dies")]  # fmt: skip
     t0 = time.perf_counter()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode != 0
@@ -188,7 +188,7 @@ def test_a_rank_that_dies_takes_the_job_down_naming_it(world):
 
 
 def test_sequences_longer_than_the_positions_are_cut_and_counted(world, caplog, no_dist_left):
-    import distill_glue
+    from recipes import distill_glue
 
     tmp, data, teacher, ds = world
     # the tiny models have 64 positions; one training sentence gets 80 words

@@ -14,7 +14,6 @@ from ad2_ds.dist import find_free_port
 from conftest import SPECIAL, WORDS, save_tiny_teacher, write_glue_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
 
 
 @pytest.fixture
@@ -56,7 +55,7 @@ def _argv(data, teacher, ds, out, *extra):
 def test_recipe_runs_writes_results_and_a_loadable_student_then_resumes(fixture_dirs, tmp_path, no_dist_left, capsys):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    import distill_glue
+    from recipes import distill_glue
 
     data, teacher, ds = fixture_dirs
     out = tmp_path / "run"
@@ -101,11 +100,14 @@ def _final_weights(out):
     return tag, state["module"]
 
 
-def _run(argv, env_extra=None, launcher=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env_extra or {}))
+def _run(argv, fault=None, launcher=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    cmd = (launcher or [sys.executable]) + [str(ROOT / "recipes" / "distill_glue.py")] + argv
+    if fault:  # through a step callback (tests/fault_run.py), not a variable production code reads
+        cmd = (launcher or [sys.executable]) + [str(ROOT / "tests" / "fault_run.py"), "--fault", fault] + argv
+    else:
+        cmd = (launcher or [sys.executable]) + [str(ROOT / "recipes" / "distill_glue.py")] + argv
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -139,7 +141,7 @@ def uninterrupted(tmp_path_factory):
 def test_fault_then_resume_ends_with_the_same_weights(uninterrupted, tmp_path, fault, returncode, checkpoint):
     data, teacher, ds, full = uninterrupted
     out = tmp_path / "run"
-    hit = _run(_argv(data, teacher, ds, out, *COMMON), {"AD2_FAULT": fault})
+    hit = _run(_argv(data, teacher, ds, out, *COMMON), fault)
     assert hit.returncode == returncode, hit.stderr[-2000:]
     if fault.startswith("term"):
         assert "checkpoint saved" in hit.stderr and "--resume" in hit.stderr
@@ -179,7 +181,8 @@ def test_recipe_under_the_deepspeed_launcher_on_two_ranks(fixture_dirs, tmp_path
 
 
 def test_recipe_with_a_teacher_cache_and_a_given_student(fixture_dirs, tmp_path, tiny_vocab, no_dist_left, capsys):
-    import distill_glue
+    from recipes import distill_glue
+
     from conftest import save_tiny_teacher
 
     data, teacher, ds = fixture_dirs
@@ -207,7 +210,8 @@ def test_recipe_with_a_teacher_cache_and_a_given_student(fixture_dirs, tmp_path,
 
 
 def test_text_editing_baseline_distils_on_the_originals_and_their_copies(fixture_dirs, tmp_path, no_dist_left):
-    import distill_glue
+    from recipes import distill_glue
+
     from conftest import write_tiny_wordnet
 
     data, teacher, ds = fixture_dirs
@@ -226,7 +230,7 @@ def test_text_editing_baseline_distils_on_the_originals_and_their_copies(fixture
 
 
 def test_teacher_and_student_with_different_tokenizers(fixture_dirs, tmp_path, tiny_vocab, no_dist_left, capsys):
-    import distill_glue
+    from recipes import distill_glue
 
     data, _, ds = fixture_dirs
     # the teacher's vocabulary lists the same words in another order: same text, other ids
@@ -247,7 +251,7 @@ def test_teacher_and_student_with_different_tokenizers(fixture_dirs, tmp_path, t
 
 
 def _recipe_rank(rank, world_size, argv):
-    import distill_glue
+    from recipes import distill_glue
 
     return distill_glue.main(argv)
 
@@ -298,7 +302,7 @@ def test_hosted_tp2_teacher_on_ranks_0_1_students_2_3(fixture_dirs, tmp_path):
 
 
 def test_teacher_ranks_usage_errors(fixture_dirs, tmp_path, capsys, monkeypatch):
-    import distill_glue
+    from recipes import distill_glue
 
     data, teacher, ds = fixture_dirs
     for world, extra, msg in (
@@ -324,7 +328,7 @@ class _Evil:
 
 
 def test_resume_refuses_a_checkpoint_that_would_run_code(fixture_dirs, tmp_path, no_dist_left, capsys):
-    import distill_glue
+    from recipes import distill_glue
 
     data, teacher, ds = fixture_dirs
     out = tmp_path / "run"
@@ -344,7 +348,7 @@ def test_sigterm_on_one_rank_stops_both_at_a_checkpoint_then_resumes(uninterrupt
     assert full.returncode == 0, full.stderr[-2000:]
     # only rank 0 gets SIGTERM after 3 micro-steps; rank 1 learns it through the per-step flag all-reduce
     out = tmp_path / "term2"
-    hit = _run(_argv(data, teacher, ds, out, *COMMON), {"AD2_FAULT": "term@3:0"}, launcher + [str(find_free_port())])
+    hit = _run(_argv(data, teacher, ds, out, *COMMON), "term@3:0", launcher + [str(find_free_port())])
     assert hit.returncode != 0
     assert (out / "checkpoints" / "latest").read_text().strip() == "global_step2"  # the next optimizer step
     resumed = _run(_argv(data, teacher, ds, out, *COMMON, "--resume"), launcher=launcher + [str(find_free_port())])
@@ -357,9 +361,8 @@ def test_sigterm_on_one_rank_stops_both_at_a_checkpoint_then_resumes(uninterrupt
 def test_default_teacher_is_shared_by_student_seeds(monkeypatch, tmp_path):
     """A sweep over --seed must distil from one default teacher, not fine-tune one per student seed."""
     from ad2_ds.data.tasks import get_task
-
-    import distill_glue
-    from finetune_teacher import default_teacher_dir
+    from ad2_ds.default_teacher import default_teacher_dir
+    from recipes import distill_glue
 
     monkeypatch.setenv("AD2_CACHE", str(tmp_path))
     task = get_task("movie-polarity")
@@ -373,12 +376,12 @@ def test_default_teacher_is_shared_by_student_seeds(monkeypatch, tmp_path):
 def test_default_teacher_is_fine_tuned_once_outside_the_students_monitor(
     fixture_dirs, tmp_path, monkeypatch, no_dist_left, capsys
 ):
-    import distill_glue
-    import finetune_teacher
+    from ad2_ds import default_teacher
+    from recipes import distill_glue
 
     data, base_model, ds = fixture_dirs
     monkeypatch.setenv("AD2_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(finetune_teacher, "DEFAULT_MODEL", str(base_model))  # stands in for all-MiniLM-L6-v2
+    monkeypatch.setattr(default_teacher, "DEFAULT_MODEL", str(base_model))  # stands in for all-MiniLM-L6-v2
     argv = _argv(data, base_model, ds, tmp_path / "s42", "--num_train_epochs", "1", "--teacher_epochs", "1")
     del argv[argv.index("--teacher") : argv.index("--teacher") + 2]
     assert distill_glue.main(argv) == 0

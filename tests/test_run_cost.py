@@ -1,13 +1,8 @@
 """benchmarks/run_cost.py: labels, totals and ratios from results.json files."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def _run(path, method, copies, eps, train, setup, cache="c", task="movie-polarity", best=None):

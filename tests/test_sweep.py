@@ -2,7 +2,6 @@
 of two tiny runs (each in its own process) on the GLUE-format fixture."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,6 @@ import pytest
 from conftest import save_tiny_teacher, write_glue_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
 
 
 def _fake_results(out, method, score, epsilon=1e-5):
@@ -26,7 +24,7 @@ def _fake_results(out, method, score, epsilon=1e-5):
 
 
 def test_grid_writes_one_ds_json_per_point_with_lr_and_micro_batch(tmp_path):
-    import sweep_glue
+    from recipes import sweep_glue
 
     path = sweep_glue.write_ds_config(ROOT / "ds_configs" / "zero2.json", str(tmp_path), 3e-5, 32)
     cfg = json.loads(Path(path).read_text())
@@ -38,7 +36,7 @@ def test_grid_writes_one_ds_json_per_point_with_lr_and_micro_batch(tmp_path):
 
 
 def test_best_config_is_picked_by_median_over_seeds_not_by_max(tmp_path):
-    import sweep_glue
+    from recipes import sweep_glue
 
     argv = ["--sweep_dir", str(tmp_path), "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"), "--methods", "kd",
             "--seeds", "1", "2", "3", "--learning_rates", "1e-4", "5e-5"]  # fmt: skip
@@ -58,7 +56,7 @@ def test_best_config_is_picked_by_median_over_seeds_not_by_max(tmp_path):
 
 
 def test_step_size_ratio_gives_each_epsilon_its_own_step_size(tmp_path):
-    import sweep_glue
+    from recipes import sweep_glue
 
     base = ["--sweep_dir", str(tmp_path), "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"), "--methods", "ad2",
             "--seeds", "1"]  # fmt: skip
@@ -71,7 +69,7 @@ def test_step_size_ratio_gives_each_epsilon_its_own_step_size(tmp_path):
 
 
 def test_pass_through_flags_get_their_own_teacher_cache(tmp_path):
-    import sweep_glue
+    from recipes import sweep_glue
 
     base = ["--sweep_dir", str(tmp_path), "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"), "--methods", "kd",
             "--seeds", "1", "2"]  # fmt: skip
@@ -97,7 +95,7 @@ def test_pass_through_flags_get_their_own_teacher_cache(tmp_path):
     ],
 )
 def test_bad_step_size_ratio_is_refused(tmp_path, extra, message, capsys):
-    import sweep_glue
+    from recipes import sweep_glue
 
     with pytest.raises(SystemExit):
         sweep_glue.parse_args(["--sweep_dir", str(tmp_path), "--deepspeed", "x.json", *extra])
@@ -119,18 +117,17 @@ def test_monitor_csv_keeps_the_last_run_and_joins_a_resumed_one(tmp_path):
 
 
 def test_default_teacher_fine_tuning_writes_no_monitor(tmp_path):
-    from finetune_teacher import write_teacher_ds_config
+    from ad2_ds.default_teacher import teacher_ds_config
 
     student = {"train_micro_batch_size_per_gpu": 16, "csv_monitor": {"enabled": True, "output_path": "x"},
                "tensorboard": {"enabled": True}, "zero_optimization": {"stage": 2}}  # fmt: skip
-    write_teacher_ds_config(student, str(tmp_path / "t.json"))
-    teacher = json.loads((tmp_path / "t.json").read_text())
+    teacher = teacher_ds_config(student)
     assert teacher == {"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 2}}
 
 
 @pytest.mark.parametrize("flag", ["--seed", "--output_dir", "--task", "--method"])
 def test_flags_the_sweep_owns_are_refused(tmp_path, flag, capsys):
-    import sweep_glue
+    from recipes import sweep_glue
 
     with pytest.raises(SystemExit):
         sweep_glue.parse_args(["--sweep_dir", str(tmp_path), "--deepspeed", "x.json", flag, "1"])
@@ -138,7 +135,7 @@ def test_flags_the_sweep_owns_are_refused(tmp_path, flag, capsys):
 
 
 def test_sweep_runs_each_job_in_its_own_process_then_resumes_by_skipping(tmp_path, tiny_vocab):
-    import sweep_glue
+    from recipes import sweep_glue
 
     data = write_glue_fixture(tmp_path / "glue")
     teacher = save_tiny_teacher(tmp_path / "teacher", tiny_vocab, layers=2)

@@ -48,6 +48,7 @@ class TaskSpec:
     tsv: the layout of the labelled TSV files (train and every dev split share it in the GLUE download).
     dir_name: the task's folder under a GLUE data dir (``SST-2``).
     hf_name: the configuration name of the Hugging Face ``nyu-mll/glue`` dataset; None for offline tasks.
+    test_split: a labelled split scored once with the best student (chosen on the dev split); None: no test score.
     """
 
     name: str
@@ -62,6 +63,7 @@ class TaskSpec:
     dir_name: str
     tsv_label_values: Optional[Tuple[str, ...]] = None
     hf_name: Optional[str] = None
+    test_split: Optional[str] = None
     aliases: Tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self):
@@ -90,7 +92,7 @@ class TaskSpec:
 
     @property
     def splits(self) -> Tuple[str, ...]:
-        return ("train",) + self.dev_splits
+        return ("train",) + self.dev_splits + ((self.test_split,) if self.test_split else ())
 
 
 _BINARY = ("0", "1")

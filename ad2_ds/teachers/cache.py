@@ -400,3 +400,42 @@ class CachedTeacher(Teacher):
                 hidden[i] = h[:, j]
         out = TeacherOutput(logits=out_logits, hidden_states=hidden)
         return out.to(self.device) if self.device is not None else out
+
+
+def build_cache_for_dataset(
+    live: Teacher,
+    dataset,
+    collator,
+    cache_dir: Union[str, Path],
+    fingerprint_parts: Mapping[str, Any],
+    hidden_layers: Optional[Sequence[int]] = None,
+    dtype: torch.dtype = torch.float16,
+    batch_size: int = 64,
+    group=None,
+) -> None:
+    """One teacher pass over a tokenized ``dataset`` into ``cache_dir``, every rank of ``group`` taking its shard.
+
+    Shards are equal in length (wrapped around; a repeated id is stored once): tensor-parallel ranks must call the
+    teacher equally often. Each shard runs longest first, so a batch of 64 pads little (outputs are stored by example
+    id: the order is free); in index order a batch pads to its longest of 64 random sentences, which on
+    movie-polarity doubled the build time.
+    """
+    from ..data.glue import example_lengths
+
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    n = len(dataset)
+    shard = [i % n for i in range(rank, world_size * -(-n // world_size), world_size)]
+    lengths = example_lengths(dataset)
+    shard.sort(key=lambda i: -lengths[i])
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, shard), batch_size=batch_size, collate_fn=collator
+    )
+    build_teacher_cache(
+        live,
+        loader,
+        cache_dir,
+        fingerprint_parts,
+        hidden_layers=list(hidden_layers) if hidden_layers else None,
+        dtype=dtype,
+        num_examples=len(shard),
+    )

@@ -261,3 +261,32 @@ def serve_teacher(
             tdist.all_reduce(still, op=tdist.ReduceOp.MAX, group=teacher_group)
         if not still.item():
             return stats
+
+
+def connect_hosted_teacher(layout, hidden_layers: Optional[Sequence[int]], num_labels: int, attentions: bool):
+    """A student rank of the hosted layout: tell the teacher ranks which hidden layers to send (only those travel;
+    None: no hidden states), then talk to this rank's teacher rank. The teacher ranks call :func:`serve_hosted`."""
+    box = [list(hidden_layers) if hidden_layers is not None else None]
+    tdist.broadcast_object_list(box, src=layout.student_ranks[0], group=layout.link_group)
+    return HostedTeacher(
+        layout.teacher_of(dist.get_rank()),
+        link_group=layout.link_group,
+        num_labels=num_labels,
+        output_hidden_states=hidden_layers is not None,
+        output_attentions=attentions,
+    )
+
+
+def serve_hosted(teacher: Teacher, layout) -> Dict[str, object]:
+    """A teacher rank of the hosted layout: learn from the first student rank which hidden layers the students' layer
+    map needs, then serve until every student closed (:func:`serve_teacher`'s stats)."""
+    box = [None]
+    tdist.broadcast_object_list(box, src=layout.student_ranks[0], group=layout.link_group)
+    return serve_teacher(
+        teacher,
+        layout.teacher_ranks,
+        layout.student_ranks,
+        link_group=layout.link_group,
+        teacher_group=layout.teacher_group,
+        hidden_layers=box[0],
+    )

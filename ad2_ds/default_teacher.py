@@ -1,0 +1,86 @@
+"""The default teacher: all-MiniLM-L6-v2 fine-tuned on the task once, kept in the cache, reused by later runs.
+
+    path = ensure_default_teacher(config, task, ds_config)   # every rank; the first run fine-tunes
+
+Fine-tuning is :func:`ad2_ds.run.run_distillation` with method ``finetune`` and the base model as the student, in
+this process, on the run's own DeepSpeed JSON without its monitors.
+"""
+
+import os
+import shutil
+
+from .config import AD2Config
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+MONITORS = ("csv_monitor", "tensorboard", "wandb", "comet")
+
+
+def default_teacher_dir(config, task) -> str:
+    """Where the default teacher for ``config``'s data and teacher settings lives in the cache."""
+    from .data.assets import cache_root
+
+    data = config.data
+    key = (
+        f"{task.name}-{DEFAULT_MODEL}-n{data.max_train_samples}-len{data.max_seq_length}"
+        f"-e{config.teacher_epochs}-s{config.teacher_seed}"
+    )
+    if data.data_dir:
+        key += "-" + os.path.abspath(data.data_dir).strip("/").replace("/", "_")
+    return str(cache_root() / "teachers" / key)
+
+
+def teacher_ds_config(student_ds_config: dict) -> dict:
+    """The student run's DeepSpeed config without its monitors: the teacher's fine-tuning must not write its losses
+    into the student's monitor files (DeepSpeed appends to them)."""
+    return {k: v for k, v in student_ds_config.items() if k not in MONITORS}
+
+
+def finetune_config(config, run_dir: str, ds_config: dict):
+    """The fine-tuning run of the default teacher: the run's task and data, the base model, method finetune, the
+    teacher's epochs and seed; everything else at its default."""
+    from .run import DataConfig, RunConfig
+
+    data = config.data
+    return RunConfig(
+        deepspeed=teacher_ds_config(ds_config),
+        data=DataConfig(
+            task=data.task,
+            data_dir=data.data_dir,
+            max_seq_length=data.max_seq_length,
+            max_train_samples=data.max_train_samples,
+        ),
+        student=DEFAULT_MODEL,
+        objective=AD2Config(method="finetune"),
+        output_dir=run_dir,
+        num_train_epochs=config.teacher_epochs,
+        seed=config.teacher_seed,
+        progress=config.progress,
+    )
+
+
+def ensure_default_teacher(config, task, ds_config: dict) -> str:
+    """The default teacher for ``task``: all-MiniLM-L6-v2 fine-tuned here once, then reused from the cache."""
+    import torch.distributed as dist
+
+    from .run import run_distillation
+
+    target = default_teacher_dir(config, task)
+    if os.path.isfile(os.path.join(target, "config.json")):
+        if dist.get_rank() == 0:
+            print(f"teacher: reusing {target}", flush=True)
+        return target
+    run_dir = target + ".run"
+    if dist.get_rank() == 0:
+        print(
+            f"teacher: fine-tuning {DEFAULT_MODEL} on {task.name} ({config.teacher_epochs} epochs) -> {target}",
+            flush=True,
+        )
+        shutil.rmtree(run_dir, ignore_errors=True)
+    dist.barrier()
+    run_distillation(finetune_config(config, run_dir, ds_config))
+    if dist.get_rank() == 0:
+        os.replace(os.path.join(run_dir, "best"), target)  # atomic: a half-trained teacher is never reused
+        shutil.copy(os.path.join(run_dir, "results.json"), os.path.join(target, "finetune_results.json"))
+        shutil.rmtree(run_dir, ignore_errors=True)
+    dist.barrier()
+    return target

@@ -1,0 +1,578 @@
+"""A distillation run is a function of its config: ``run_distillation(RunConfig(...)) -> results``.
+
+    from ad2_ds import RunConfig, run_distillation
+    from ad2_ds.run import DataConfig
+    from ad2_ds.config import AD2Config
+
+    config = RunConfig(deepspeed="ds_configs/zero2.json", data=DataConfig(task="movie-polarity"),
+                       objective=AD2Config(method="ad2"), output_dir="runs/distill")
+    results = run_distillation(config)       # what results.json holds (None on ranks that do not write it)
+
+``RunConfig`` is frozen and checks its values when built; :func:`check_run` checks it against the world (files, the
+DeepSpeed JSON, the output folder, the ranks) once, before any model or data is loaded. ``run_distillation`` then does
+data -> models -> teacher -> engine -> train -> save. The recipes only turn flags into a ``RunConfig``
+(:mod:`ad2_ds.flags`); every field's help text and flag live in its metadata.
+"""
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+from .config import AD2Config, ConfigError
+from .flags import as_flat_dict, setting, walk
+
+logger = logging.getLogger(__name__)
+RUN_FILES = ("results.json", "checkpoints", "best")
+
+
+def _ranks(spec) -> Tuple[int, ...]:
+    from .dist import parse_ranks
+
+    return parse_ranks(spec)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data a run trains and evaluates on. Users' own files (train/validation/test files, a dataset name, the
+    text and label columns) belong here too: :func:`load_data` is where their loader slots in."""
+
+    task: str = setting("movie-polarity", "a GLUE task (sst2, mnli, ...) or an offline task")
+    data_dir: Optional[str] = setting(
+        None, "GLUE-format data dir; default: HF datasets for GLUE, the packaged suite offline"
+    )
+    max_seq_length: int = setting(64)
+    max_train_samples: int = setting(2000, "0: the whole train split")
+    max_eval_samples: int = setting(0, "0: the whole dev split", teacher_outputs=False)
+    augment_copies: int = setting(
+        0, "text-editing baseline: add N WordNet synonym-replaced copies of every training example (TinyBERT's xN)"
+    )
+    augment_alpha: float = setting(0.1, "EDA's alpha: each copy replaces max(1, alpha x words) words")
+    augment_seed: int = setting(0, "seed of the copies (fixed: all methods see the same)")
+    wordnet_dir: Optional[str] = setting(
+        None, "WordNet 3.0 database folder; default: $WORDNET_DIR or /usr/share/wordnet (wordnet-base)"
+    )
+
+    def __post_init__(self):
+        if self.max_seq_length < 8:
+            raise ConfigError("max_seq_length", f"must be >= 8, got {self.max_seq_length}")
+        if self.max_train_samples < 0 or self.max_eval_samples < 0:
+            raise ConfigError("max_train_samples", "and max_eval_samples must be >= 0 (0: the whole split)")
+        if self.augment_copies < 0:
+            raise ConfigError("augment_copies", f"must be >= 0, got {self.augment_copies}")
+        if not 0.0 < self.augment_alpha <= 1.0:
+            raise ConfigError("augment_alpha", f"must be in (0, 1], got {self.augment_alpha}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs: data, models, the objective, teacher placement and precision, training and paths."""
+
+    deepspeed: Union[str, dict, None] = setting(
+        None, "DeepSpeed JSON (the transformers convention); in Python also the JSON as a dict", teacher_outputs=False
+    )
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    teacher: Optional[str] = setting(
+        None, "fine-tuned teacher (path or hub name); default: all-MiniLM-L6-v2 fine-tuned here"
+    )
+    student: Optional[str] = setting(None, "student checkpoint (path or hub name); or use --student_layers")
+    student_layers: str = setting("bottom:3", "student made from the teacher: skip|top|bottom:N")
+    objective: AD2Config = dataclasses.field(default_factory=AD2Config)
+    num_train_epochs: int = setting(3, teacher_outputs=False)
+    eval_steps: int = setting(0, "optimizer steps between evaluations; 0: each epoch", teacher_outputs=False)
+    seed: int = setting(42, teacher_outputs=False)
+    output_dir: str = setting("runs/distill", teacher_outputs=False)
+    overwrite_output_dir: bool = setting(False, teacher_outputs=False)
+    resume: bool = setting(False, "continue the run in --output_dir from its last checkpoint", teacher_outputs=False)
+    teacher_tp_size: int = setting(1)
+    teacher_ranks: Tuple[int, ...] = setting(
+        (),
+        "hosted layout: the teacher runs on these ranks (tensor-parallel over them when several) and serves the "
+        "student, which trains on the other ranks; default: co-located (every rank holds both)",
+        parse=_ranks,
+        metavar="R,R",
+    )
+    teacher_dtype: str = setting("fp32", choices=("fp32", "bf16", "fp16"))
+    teacher_cache: Optional[str] = setting(None, "precompute teacher outputs once into DIR and read them")
+    stream_teacher: bool = setting(
+        True, "run the teacher inline instead of one batch ahead", negate=True, teacher_outputs=False
+    )
+    group_by_length: bool = setting(True, negate=True, teacher_outputs=False)
+    keep_zero_stage: bool = setting(
+        False,
+        "on one data-parallel rank, keep the config's ZeRO stage 1/2 (default: run stage 0, which partitions the "
+        "same nothing without copying gradients and weights each step)",
+        teacher_outputs=False,
+    )
+    teacher_epochs: int = setting(3, "epochs when fine-tuning the default teacher")
+    teacher_seed: int = setting(
+        42, "seed when fine-tuning the default teacher (fixed, so a sweep over --seed shares one teacher)"
+    )
+    trust_remote_code: bool = setting(False)
+    progress: bool = setting(True, negate=True, teacher_outputs=False)
+
+    def __post_init__(self):
+        if isinstance(self.teacher_ranks, (list, str)):
+            object.__setattr__(self, "teacher_ranks", _ranks(self.teacher_ranks))
+        cfg, ranks = self.objective, self.teacher_ranks
+        if not self.deepspeed:
+            raise ConfigError("deepspeed", "is missing: give a DeepSpeed JSON, e.g. ds_configs/zero2.json")
+        if self.num_train_epochs < 1:
+            raise ConfigError("num_train_epochs", f"must be >= 1, got {self.num_train_epochs}")
+        if self.eval_steps < 0:
+            raise ConfigError("eval_steps", f"must be >= 0, got {self.eval_steps}")
+        if self.teacher_tp_size < 1:
+            raise ConfigError("teacher_tp_size", f"must be >= 1, got {self.teacher_tp_size}")
+        if self.teacher_dtype not in ("fp32", "bf16", "fp16"):
+            raise ConfigError("teacher_dtype", f"{self.teacher_dtype!r}: use fp32, bf16 or fp16")
+        if not self.student:
+            strategy, _, n = self.student_layers.partition(":")
+            if strategy not in ("skip", "top", "bottom") or not n.isdigit() or int(n) < 1:
+                raise ConfigError("student_layers", f"{self.student_layers!r}: use skip|top|bottom:N, e.g. bottom:3")
+        if ranks:
+            if min(ranks) < 0 or len(set(ranks)) < len(ranks):
+                raise ConfigError("teacher_ranks", f"{list(ranks)}: distinct ranks >= 0 needed")
+            if self.teacher_tp_size not in (1, len(ranks)):
+                raise ConfigError(
+                    "teacher_tp_size", "with teacher_ranks the teacher is tensor-parallel over those ranks"
+                )
+            if self.teacher_cache:
+                raise ConfigError("teacher_cache", "and teacher_ranks exclude each other: pick one")
+            if not cfg.needs_teacher:
+                raise ConfigError("teacher_ranks", f"method {cfg.method} uses no teacher; drop teacher_ranks")
+        if self.teacher_cache and cfg.needs_attentions:
+            raise ConfigError(
+                "teacher_cache", "stores logits and hidden states, not attention maps: drop it or set w_attention to 0"
+            )
+
+    def to_dict(self) -> dict:
+        """The config as plain JSON data (nested like the dataclasses); :meth:`from_dict` reads it back."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        d = dict(d)
+        d["data"] = DataConfig(**d.get("data", {}))
+        d["objective"] = AD2Config(**d.get("objective", {}))
+        d["teacher_ranks"] = tuple(d.get("teacher_ranks", ()))
+        return cls(**d)
+
+    def teacher_settings(self) -> dict:
+        """The settings that can change the teacher's outputs (field metadata ``teacher_outputs``), except the
+        objective's: a cache holds the layers it was built with and says so when a run needs more."""
+        return {
+            path[-1]: getattr(self.data if path[0] == "data" else self, path[-1])
+            for path, f, _ in walk(RunConfig)
+            if f.metadata.get("teacher_outputs", True) and path[0] != "objective" and path[-1] != "teacher_cache"
+        }
+
+
+def check_run(config: RunConfig, world_size: int) -> dict:
+    """Check the config against the world before any expensive work; returns the loaded DeepSpeed JSON.
+    world_size: every rank of the job (the hosted layout's teacher ranks included)."""
+    import torch
+
+    from .data.tasks import get_task
+    from .dsconfig import check_ds_config, load_ds_config
+
+    get_task(config.data.task)
+    ranks = config.teacher_ranks
+    student_world = world_size
+    if ranks:
+        from .dist import assign_teacher_ranks
+
+        if max(ranks) >= world_size:
+            raise ConfigError("teacher_ranks", f"{list(ranks)}: distinct ranks of [0, {world_size}) needed")
+        assign_teacher_ranks(ranks, [r for r in range(world_size) if r not in ranks])
+        student_world -= len(ranks)
+    elif world_size % config.teacher_tp_size:
+        raise ConfigError("teacher_tp_size", f"{config.teacher_tp_size} does not divide the world size {world_size}")
+    if isinstance(config.deepspeed, dict):
+        ds_config = config.deepspeed
+        check_ds_config(ds_config, "the DeepSpeed config", student_world, torch.cuda.is_available())
+    else:
+        ds_config = load_ds_config(config.deepspeed, student_world)
+    if config.teacher_dtype == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("teacher_dtype", "fp16 needs a GPU; on CPU use bf16")
+    data = config.data
+    if data.data_dir and not os.path.isdir(data.data_dir):
+        raise ConfigError("data_dir", f"{data.data_dir} is not a directory: point it at the GLUE data folder")
+    if data.augment_copies:
+        from .data.augment import default_wordnet_dir, missing_wordnet_files
+
+        wordnet_dir = data.wordnet_dir or default_wordnet_dir()
+        missing = missing_wordnet_files(wordnet_dir)
+        if missing:
+            raise ConfigError(
+                "augment_copies",
+                f"needs WordNet 3.0's database files, and wordnet_dir {wordnet_dir} lacks {', '.join(missing)}: "
+                "apt install wordnet-base, or point wordnet_dir at a WordNet dict folder",
+            )
+    out = config.output_dir
+    has_run = os.path.isdir(out) and any(os.path.exists(os.path.join(out, f)) for f in RUN_FILES)
+    if has_run and not (config.resume or config.overwrite_output_dir):
+        raise ConfigError(
+            "output_dir",
+            f"{out} already holds a run: set resume to continue it, overwrite_output_dir to replace it, "
+            "or choose another output_dir",
+        )
+    if config.resume and not os.path.isfile(os.path.join(out, "checkpoints", "latest")):
+        raise ConfigError("resume", f"no checkpoint under {out}/checkpoints; start without resume")
+    return ds_config
+
+
+def load_data(data: DataConfig, rank_zero_first: bool = True):
+    """``(task, splits)``: the task's spec and its raw-text splits: train (the fixed low-resource subset, plus its
+    augmented copies), every dev split, and the test split when the task has one. Rank 0 reads and augments first and
+    fills the datasets cache, the others then read it. (A user's own files would be read here, into a TaskSpec.)"""
+    import torch.distributed as dist
+
+    from .data.glue import load_task
+    from .data.tasks import get_task
+    from .dist import get_rank
+
+    task = get_task(data.task)
+    first = rank_zero_first and dist.is_initialized()
+    if first and get_rank() != 0:
+        dist.barrier()
+    raw = load_task(task, data.data_dir)
+    train_raw = raw["train"]
+    if data.max_train_samples and data.max_train_samples < len(train_raw):
+        # A fixed subset (seed 0), the same for every method and seed: low-resource comparisons stay paired.
+        train_raw = train_raw.shuffle(seed=0).select(range(data.max_train_samples))
+    if data.augment_copies:
+        from .data.augment import WordNet, augment_dataset, default_wordnet_dir
+
+        wordnet = WordNet(data.wordnet_dir or default_wordnet_dir())
+        train_raw = augment_dataset(train_raw, wordnet, data.augment_copies, data.augment_alpha, data.augment_seed)
+        wordnet.close()
+    if first and get_rank() == 0:
+        dist.barrier()
+    splits = {"train": train_raw}
+    for split in task.dev_splits:
+        ds = raw[split]
+        if data.max_eval_samples and data.max_eval_samples < len(ds):
+            ds = ds.shuffle(seed=0).select(range(data.max_eval_samples))  # dev files may be ordered by label
+        splits[split] = ds
+    if task.test_split and task.test_split in raw:
+        splits[task.test_split] = raw[task.test_split]
+    return task, splits
+
+
+def load_classifier(path, num_labels, eager, trust_remote_code, role):
+    """A sequence classifier for the task. A teacher must already have a trained head of the task's size; a student
+    may start from a base checkpoint (a new head is made)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    if has_head and config.num_labels != num_labels:
+        raise ValueError(f"{role} {path} predicts {config.num_labels} labels but the task has {num_labels}")
+    if role == "teacher" and not has_head:
+        raise ValueError(
+            f"teacher {path} has no fine-tuned classification head: fine-tune it first "
+            "(recipes/finetune_teacher.py --model ...) and pass its best/ folder"
+        )
+    kwargs = {"attn_implementation": "eager"} if eager else {}
+    return AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=num_labels, trust_remote_code=trust_remote_code, **kwargs
+    )
+
+
+def run_distillation(config: RunConfig, callbacks: Sequence = ()) -> Optional[dict]:
+    """Run (or resume) one distillation and return its results (what ``output_dir/results.json`` holds) on the rank
+    that writes them, None on the others. callbacks: :class:`ad2_ds.trainer.Callback` objects called around each
+    step. Raises ValueError (ConfigError for a bad setting) before expensive work."""
+    from .dist import init_distributed, setup_single_process_env
+
+    setup_single_process_env()
+    ds_config = check_run(config, int(os.environ.get("WORLD_SIZE", "1")))
+    init_distributed()
+    clock = time.perf_counter()
+    task, splits = load_data(config.data)  # bad data fails here, before any model is fetched or trained
+    setup_seconds = {"load_and_augment_data": time.perf_counter() - clock}
+    teacher_path = config.teacher
+    if teacher_path is None and (config.objective.needs_teacher or not config.student):
+        from .default_teacher import ensure_default_teacher
+
+        teacher_path = ensure_default_teacher(config, task, ds_config)
+    return _distill(config, task, ds_config, teacher_path, splits, setup_seconds, callbacks)
+
+
+def _distill(config, task, ds_config, teacher_path, splits, setup_seconds, callbacks):
+    import datasets
+    import torch.distributed as dist
+    from transformers import AutoTokenizer, set_seed
+
+    from .data.assets import resolve_model
+    from .data.glue import DataCollator, tokenize_dataset
+    from .engine import build_engine
+    from .modeling import count_parameters, measure_latency, save_pretrained_atomic, student_from_teacher
+    from .objective import AD2Objective
+    from .teachers.factory import CacheData, TeacherNeeds, TeacherPlacement, build_teacher, serve_hosted_teacher
+    from .trainer import TrainConfig, evaluate, train
+
+    cfg = config.objective
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    layout = group = None  # hosted layout: the student trains on `group`, the teacher ranks only serve
+    if config.teacher_ranks:
+        from .dist import split_ranks
+
+        layout = split_ranks(config.teacher_ranks)
+        group = layout.student_group
+    placement = TeacherPlacement(config.teacher_tp_size, config.teacher_dtype, config.teacher_cache, layout)
+    set_seed(config.seed)
+    eager = cfg.needs_attentions
+    teacher_model = tok_t = None
+    if teacher_path is not None:
+        teacher_path = resolve_model(teacher_path)
+        teacher_model = load_classifier(teacher_path, task.num_labels, eager, config.trust_remote_code, "teacher")
+        teacher_model = teacher_model.eval()
+        tok_t = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=config.trust_remote_code)
+    if layout is not None:
+        if layout.role == "teacher":
+            needs = TeacherNeeds(() if cfg.needs_hidden_states else None, cfg.needs_attentions)
+            stats = serve_hosted_teacher(teacher_model, needs, placement)
+            logger.info(
+                "teacher rank %d served %s requests in %.1f s", rank, stats["requests"], stats["teacher_seconds"]
+            )
+            return None
+        rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    if config.student:
+        student_path = resolve_model(config.student)
+        student = load_classifier(student_path, task.num_labels, eager, config.trust_remote_code, "student")
+        tok_s = AutoTokenizer.from_pretrained(student_path, trust_remote_code=config.trust_remote_code)
+    else:
+        strategy, _, n = config.student_layers.partition(":")
+        student, tok_s = student_from_teacher(teacher_model, int(n), strategy), tok_t
+    student.train()
+    two_tokenizers = tok_t is not None and tok_t.get_vocab() != tok_s.get_vocab()
+    if two_tokenizers and (cfg.deep_kd or cfg.w_pkd > 0):
+        raise ValueError(
+            f"method {cfg.method} compares hidden states token by token, but the teacher and student tokenizers "
+            "differ: use method kd or ad2-dkd (logits only), or a student built from the teacher (student_layers)"
+        )
+    max_positions = min(
+        getattr(m.config, "max_position_embeddings", 10**9) for m in (teacher_model, student) if m is not None
+    )
+    if config.data.max_seq_length > max_positions:
+        logger.warning(
+            "--max_seq_length %d exceeds the models' %d positions: using %d",
+            config.data.max_seq_length,
+            max_positions,
+            max_positions,
+        )
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, max_seq_length=max_positions))
+
+    # Rank 0 tokenizes first and fills the datasets cache; the others then read it.
+    if rank != 0:
+        dist.barrier(group)
+    tokenized, truncated = tokenize_dataset(
+        datasets.DatasetDict(splits),
+        tok_s,
+        config.data.max_seq_length,
+        teacher_tokenizer=tok_t if two_tokenizers else None,
+    )
+    if rank == 0:
+        dist.barrier(group)
+    collator = DataCollator(tok_s.pad_token_id, tok_t.pad_token_id if two_tokenizers else None)
+    train_ds = tokenized["train"]
+    dev_sets = {split: tokenized[split] for split in task.dev_splits}
+
+    # Teacher quality and both models' latency, before DeepSpeed shards anything.
+    clock = time.perf_counter()
+    report = {
+        "student_params": count_parameters(student),
+        "student_latency_ms": measure_latency(student, dev_sets, collator),
+    }
+    if teacher_model is not None:
+        teacher_dev = dev_sets if not two_tokenizers else {k: _teacher_view(v) for k, v in dev_sets.items()}
+        t_collator = DataCollator(tok_t.pad_token_id)
+        report.update(
+            teacher_scores=evaluate(teacher_model, teacher_dev, t_collator, task, 32, group=group),
+            teacher_params=count_parameters(teacher_model),
+            teacher_latency_ms=measure_latency(teacher_model, teacher_dev, t_collator),
+        )
+
+    setup_seconds["evaluate_teacher_and_latency"], clock = time.perf_counter() - clock, time.perf_counter()
+    objective = AD2Objective(student, cfg, teacher_config=teacher_model.config if cfg.needs_teacher else None)
+    engine, ds_config = build_engine(
+        objective,
+        ds_config,
+        train_size=len(train_ds),
+        num_epochs=config.num_train_epochs,
+        layout=layout,
+        keep_zero_stage=config.keep_zero_stage,
+    )
+
+    setup_seconds["objective_and_engine"], clock = time.perf_counter() - clock, time.perf_counter()
+    teacher = None
+    if cfg.needs_teacher:
+        cache_data = None
+        if config.teacher_cache:
+            from .teachers.cache import fingerprint, state_dict_hash
+
+            parts = {
+                "teacher": state_dict_hash(teacher_model) if config.teacher_tp_size == 1 else teacher_path,
+                "tokenizer": fingerprint(sorted(tok_t.get_vocab().items())),
+                "task": config.data.task,
+                "data": getattr(train_ds, "_fingerprint", None) or fingerprint(train_ds["idx"]),
+                "max_length": config.data.max_seq_length,
+                "settings": config.teacher_settings(),
+            }
+            cache_data = CacheData(train_ds, collator, parts)
+        teacher = build_teacher(teacher_model, objective.teacher_needs(), placement, task.num_labels, cache_data)
+    setup_seconds["teacher"] = time.perf_counter() - clock  # includes building the teacher cache when there is one
+
+    out = config.output_dir
+    if rank == 0:
+        if config.overwrite_output_dir and not config.resume:
+            _clear_run(out)
+        os.makedirs(out, exist_ok=True)
+    dist.barrier(group)
+
+    def save_best(record):
+        save_pretrained_atomic(
+            objective.student, tok_s, os.path.join(out, "best"), extra={"ad2_best.json": record}, group=group
+        )
+
+    tcfg = TrainConfig(
+        output_dir=out,
+        num_train_epochs=config.num_train_epochs,
+        eval_steps=config.eval_steps,
+        seed=config.seed,
+        group_by_length=config.group_by_length,
+        stream_teacher=config.stream_teacher,
+        progress=config.progress,
+    )
+    try:
+        state = train(
+            engine,
+            teacher,
+            train_ds,
+            dev_sets,
+            collator,
+            task,
+            tcfg,
+            on_best=save_best,
+            resume=config.resume,
+            group=group,
+            callbacks=callbacks,
+            run_config=config.to_dict(),
+        )
+    finally:
+        if layout is not None:
+            teacher.close()  # the teacher ranks return once every student rank closed
+
+    results = {
+        "task": task.name,
+        "method": cfg.method,
+        "config": cfg.to_dict(),
+        "run_config": config.to_dict(),
+        "args": as_flat_dict(config),
+        "ds_config": ds_config,
+        "world_size": world_size,
+        "teacher_ranks": list(config.teacher_ranks),
+        "teacher": teacher_path,
+        "student_init": config.student or config.student_layers,
+        "train_examples": len(train_ds),  # with augment_copies N: (N + 1) x the originals
+        "history": state.history,
+        "best": {"step": state.best_step, **state.best_scores},
+        "train_seconds": state.train_seconds,
+        "samples_per_second": state.samples / max(state.train_seconds, 1e-9),
+        "teacher_wait_seconds": state.teacher_wait_seconds,
+        "setup_seconds": setup_seconds,
+        "nonfinite_skipped": state.nonfinite_skipped,
+        "overflow_skipped_steps": engine.skipped_steps,
+        "truncated": truncated,
+        "engine": {
+            "micro_batch": engine.train_micro_batch_size_per_gpu(),
+            "grad_accum": engine.gradient_accumulation_steps(),
+            "bf16": engine.bfloat16_enabled(),
+            "fp16": engine.fp16_enabled(),
+            "zero_stage": engine.zero_optimization_stage(),
+        },
+        **report,
+    }
+    test = score_test_split(task, tokenized, collator, out, config, engine, group)
+    if test is not None:
+        results["test"] = test
+    if rank != 0:
+        return None
+    from .utils import write_json_atomic
+
+    write_json_atomic(os.path.join(out, "results.json"), results)
+    return results
+
+
+def score_test_split(task, tokenized, collator, out, config, engine, group) -> Optional[dict]:
+    """The best student (chosen on the dev split, saved in ``out/best``) scored once on the task's labelled test
+    split; None when the task has none, or it is unlabelled."""
+    split = task.test_split
+    if not split or split not in tokenized or not _labelled(tokenized[split]):
+        return None
+    from .trainer import evaluate
+
+    best = load_classifier(os.path.join(out, "best"), task.num_labels, False, config.trust_remote_code, "student")
+    device = next(engine.module.student.parameters()).device
+    return evaluate(best.to(device), {split: tokenized[split]}, collator, task, 32, device, group)
+
+
+def _labelled(ds) -> bool:
+    labels = ds["label"] if "label" in ds.column_names else None
+    return bool(labels) and all(x is not None and x != -1 for x in labels)
+
+
+def _teacher_view(ds):
+    """The dev set as the teacher reads it: its own tokenization under the plain column names."""
+    from .teachers.base import TEACHER_PREFIX
+
+    own = [c for c in ds.column_names if c.startswith(TEACHER_PREFIX)]
+    student_cols = [c.removeprefix(TEACHER_PREFIX) for c in own]
+    return ds.remove_columns([c for c in student_cols if c in ds.column_names]).rename_columns(
+        {c: c.removeprefix(TEACHER_PREFIX) for c in own}
+    )
+
+
+def _clear_run(out):
+    import shutil
+
+    for name in RUN_FILES:
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def summary_table(task, results) -> str:
+    """Teacher vs student: the main metric on dev (and test when scored), parameters, latency; where the student is."""
+    metric = task.main_metric
+    rows = [("", "teacher", "student")]
+    t_score = results.get("teacher_scores", {}).get(metric)
+    rows.append((f"dev {metric}", _fmt(t_score), _fmt(results["best"].get(metric))))
+    if "test" in results:
+        rows.append((f"test {metric}", "-", _fmt(results["test"].get(metric))))
+    rows.append(("parameters", _millions(results.get("teacher_params")), _millions(results["student_params"])))
+    rows.append(
+        ("latency ms/batch of 32", _fmt(results.get("teacher_latency_ms"), 1), _fmt(results["student_latency_ms"], 1))
+    )
+    width = max(len(r[0]) for r in rows) + 2
+    lines = [f"{r[0]:<{width}}{r[1]:>12}{r[2]:>12}" for r in rows]
+    out = results["run_config"]["output_dir"]
+    lines.append(f"{task.name}, method {results['method']}: best student saved to {os.path.join(out, 'best')}")
+    lines.append(
+        f"train {results['train_seconds']:.0f} s, {results['samples_per_second']:.1f} samples/s, "
+        f"waited {results['teacher_wait_seconds']:.1f} s on the teacher"
+    )
+    return "\n".join(lines)
+
+
+def _fmt(x, digits=4):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _millions(n):
+    return "-" if n is None else f"{n / 1e6:.1f}M"
