@@ -116,3 +116,13 @@ def as_flat_dict(config) -> Dict[str, Any]:
         else:
             out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def teacher_neutral_flags(cls) -> Dict[str, int]:
+    """``--flag`` -> how many values follow it, for every flag whose field cannot change the teacher's outputs
+    (metadata ``teacher_outputs=False``): runs that differ only in these may share a teacher cache."""
+    return {
+        "--" + flag_name(f): 0 if tp is bool else 1
+        for _, f, tp in walk(cls)
+        if f.metadata.get("cli", True) and not f.metadata.get("teacher_outputs", True)
+    }

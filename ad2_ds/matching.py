@@ -2,24 +2,68 @@
 
     specs = build_matches(cfg, n_layers_s=3, n_layers_t=6)   # [MatchSpec(layer_t=2, layer_s=1, ...), ...]
 
+Features and losses are registries (small dicts of functions, like TextBrewer's ``presets.py``): a new one needs no
+edit of the objective::
+
+    register_loss("cosine", lambda h_s, h_t, mask: (1 - F.cosine_similarity(h_s, h_t, -1))[mask.bool()].mean())
+    register_feature("mean_pool", Feature("hidden_states", select=lambda h: h.mean(1), masked=False))
+    objective.use_matches([MatchSpec(6, 3, "mean_pool", "cosine", 1.0), ...])
+
 Layers are 1-based transformer layers; hidden-state index 0 is the embedding output. Attention layer i is
 ``attentions[i - 1]`` in a Hugging Face output.
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 from .config import AD2Config, parse_layer_pairs
 from .losses import LOSSES
 
-FEATURES = ("hidden", "attention", "cls")
+
+def _same(x):
+    return x
+
+
+def _cls_row(h):
+    return h[:, 0]  # [B, T, H] -> [B, H]: PKD compares the [CLS] state
+
+
+@dataclass(frozen=True)
+class Feature:
+    """What a layer match compares. source: ``"hidden_states"`` (layer 0 = embeddings) or ``"attentions"`` (layers
+    from 1); select: from the layer's tensor to the compared one; masked: the loss takes the attention mask as a third
+    argument; adversarial: also compared on the adversarial forward (with ``adversarial_deep_kd``)."""
+
+    source: str
+    select: Callable = _same
+    masked: bool = True
+    adversarial: bool = True
+
+
+FEATURES: Dict[str, Feature] = {
+    "hidden": Feature("hidden_states"),
+    "attention": Feature("attentions"),
+    "cls": Feature("hidden_states", select=_cls_row, masked=False, adversarial=False),
+}
+
+
+def register_feature(name: str, feature: Feature) -> None:
+    """Add (or replace) a feature a MatchSpec can name."""
+    if feature.source not in ("hidden_states", "attentions"):
+        raise ValueError(f"feature {name!r}: source must be 'hidden_states' or 'attentions', got {feature.source!r}")
+    FEATURES[name] = feature
+
+
+def register_loss(name: str, fn: Callable) -> None:
+    """Add (or replace) a loss a MatchSpec can name: ``fn(x_s, x_t[, mask]) -> scalar tensor``."""
+    LOSSES[name] = fn
 
 
 @dataclass(frozen=True)
 class MatchSpec:
     layer_t: int
     layer_s: int
-    feature: str  # "hidden" | "attention" | "cls" (PKD's [CLS] state)
+    feature: str  # a key of FEATURES: "hidden" | "attention" | "cls" (PKD's [CLS] state) | a registered one
     loss: str  # a key of losses.LOSSES
     weight: float
 
@@ -59,10 +103,10 @@ def build_matches(cfg: AD2Config, n_layers_s: int, n_layers_t: int) -> List[Matc
 def validate_matches(specs: Sequence[MatchSpec], losses: Dict[str, object], n_layers_s: int, n_layers_t: int) -> None:
     for spec in specs:
         if spec.feature not in FEATURES:
-            raise ValueError(f"{spec}: feature must be one of {FEATURES}")
+            raise ValueError(f"{spec}: feature must be one of {tuple(FEATURES)}")
         if spec.loss not in losses:
             raise ValueError(f"{spec}: unknown loss {spec.loss!r}; known: {', '.join(losses)}")
-        low = 1 if spec.feature == "attention" else 0
+        low = 1 if FEATURES[spec.feature].source == "attentions" else 0
         if not (low <= spec.layer_s <= n_layers_s):
             raise ValueError(f"{spec}: student layer {spec.layer_s} outside {low}..{n_layers_s}")
         if not (low <= spec.layer_t <= n_layers_t):

@@ -18,14 +18,14 @@ Under ZeRO-3 the first gradient needs its own forward (see ``zero3_partitioned``
 """
 
 import logging
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .config import AD2Config
 from .losses import LOSSES, hard_loss, kd_loss
-from .matching import MatchSpec, build_matches
+from .matching import FEATURES, MatchSpec, build_matches, validate_matches
 from .modeling import (
     EmbeddingTap,
     accepted_inputs,
@@ -98,18 +98,30 @@ class AD2Objective(nn.Module):
         """What this objective needs from a teacher: the hidden-state indices its layer map compares (None when it
         compares none) and whether it compares attention maps. :func:`ad2_ds.teachers.factory.build_teacher` takes
         it."""
-        layers = sorted({m.layer_t for m in (self.matches or []) if m.feature in ("hidden", "cls")})
+        layers = sorted({m.layer_t for m in (self.matches or []) if FEATURES[m.feature].source == "hidden_states"})
         return TeacherNeeds(tuple(layers) if self.config.needs_hidden_states else None, self.config.needs_attentions)
 
     def close(self) -> None:
         """Remove the hook this objective put on the student's embedding layer."""
         self._tap.remove()
 
-    def _build_matches(self, n_layers_t: int) -> None:
-        self.matches = build_matches(self.config, self._n_layers_s, n_layers_t)
+    def use_matches(self, specs: Sequence[MatchSpec], n_layers_t: int) -> None:
+        """Compare these layer matches instead of the ones the config's weights and layer map give (they may name
+        registered features and losses, :mod:`ad2_ds.matching`). Their features must be of the kinds the config asks
+        the teacher for (hidden states with ``w_hidden`` or ``w_pkd`` > 0, attentions with ``w_attention`` > 0)."""
+        validate_matches(specs, LOSSES, self._n_layers_s, n_layers_t)
+        cfg, sources = self.config, {FEATURES[s.feature].source for s in specs}
+        if ("hidden_states" in sources and not cfg.needs_hidden_states) or (
+            "attentions" in sources and not cfg.needs_attentions
+        ):
+            raise ValueError(f"matches on {sorted(sources)} need w_hidden/w_pkd or w_attention > 0 in the config")
+        self._build_matches(n_layers_t, list(specs))
+
+    def _build_matches(self, n_layers_t: int, specs: Optional[List[MatchSpec]] = None) -> None:
+        self.matches = specs if specs is not None else build_matches(self.config, self._n_layers_s, n_layers_t)
         if self._hidden_t is not None and self._hidden_t != self._hidden_s:
             for spec in self.matches:
-                if spec.feature in ("hidden", "cls") and str(spec.layer_s) not in self.projections:
+                if FEATURES[spec.feature].source == "hidden_states" and str(spec.layer_s) not in self.projections:
                     self.projections[str(spec.layer_s)] = nn.Linear(self._hidden_s, self._hidden_t)
 
     def _run(self, inputs: Dict[str, torch.Tensor], hidden: bool, attentions: bool):
@@ -159,29 +171,27 @@ class AD2Objective(nn.Module):
         return kd_loss(logits_s, t.logits, self.config.temperature)
 
     def _deep_terms(self, out_s, t: TeacherOutput, mask, adversarial: bool) -> Dict[str, torch.Tensor]:
-        """Unweighted deep-KD terms keyed by MatchSpec.key (``hidden/3-6``), prefixed ``ada_`` when adversarial."""
+        """Unweighted deep-KD terms keyed by MatchSpec.key (``hidden/3-6``), prefixed ``ada_`` when adversarial.
+        Each match's feature (:data:`ad2_ds.matching.FEATURES`) says what is compared, its loss (``LOSSES``) how."""
         terms = {}
         for spec in self.matches:
-            if adversarial and spec.feature == "cls":
+            feature = FEATURES[spec.feature]
+            if adversarial and not feature.adversarial:
                 continue
-            fn = LOSSES[spec.loss]
-            if spec.feature == "attention":
-                a_s, a_t = out_s.attentions[spec.layer_s - 1], _layer(t.attentions, spec.layer_t - 1, "attentions")
-                a_s, a_t = self._match_heads(a_s, a_t)
-                value = fn(a_s, a_t.to(a_s.device), mask)
+            if feature.source == "attentions":
+                x_s, x_t = out_s.attentions[spec.layer_s - 1], _layer(t.attentions, spec.layer_t - 1, "attentions")
+                x_s, x_t = self._match_heads(x_s, x_t)
             else:
-                h_s, h_t = out_s.hidden_states[spec.layer_s], _layer(t.hidden_states, spec.layer_t, "hidden_states")
-                h_s = self._project(spec.layer_s, h_s, h_t)
-                if h_s.shape[1] != h_t.shape[1]:
+                x_s, x_t = out_s.hidden_states[spec.layer_s], _layer(t.hidden_states, spec.layer_t, "hidden_states")
+                x_s = self._project(spec.layer_s, x_s, x_t)
+                if x_s.shape[1] != x_t.shape[1]:
                     raise ValueError(
-                        f"student sequence length {h_s.shape[1]} differs from the teacher's {h_t.shape[1]}: "
+                        f"student sequence length {x_s.shape[1]} differs from the teacher's {x_t.shape[1]}: "
                         "deep KD needs aligned tokens"
                     )
-                if spec.feature == "cls":
-                    value = fn(h_s[:, 0], h_t[:, 0].to(h_s.device))
-                else:
-                    value = fn(h_s, h_t.to(h_s.device), mask)
-            terms[("ada_" if adversarial else "") + spec.key] = value
+            x_s, x_t = feature.select(x_s), feature.select(x_t).to(x_s.device)
+            fn = LOSSES[spec.loss]
+            terms[("ada_" if adversarial else "") + spec.key] = fn(x_s, x_t, mask) if feature.masked else fn(x_s, x_t)
         return terms
 
     def _project(self, layer_s: int, h_s: torch.Tensor, h_t: torch.Tensor) -> torch.Tensor:

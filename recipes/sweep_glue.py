@@ -44,19 +44,18 @@ import subprocess
 import sys
 import time
 
+from ad2_ds.cli import config_from_args, run_parser
+from ad2_ds.flags import teacher_neutral_flags
+from ad2_ds.run import RunConfig
+
 RECIPES = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(RECIPES)
-sys.path.insert(0, ROOT)
-sys.path.insert(0, RECIPES)
 
 OWNED = ("--task", "--method", "--seed", "--output_dir", "--deepspeed", "--deepspeed_config", "--teacher_cache")
-# distill_glue flags that cannot change what a teacher cache holds (flag -> how many values follow it): they do not
-# give a run its own cache. Any other pass-through flag does (the cache's fingerprint would refuse a mismatch).
-CACHE_NEUTRAL = {
-    "--no_progress": 0, "--keep_zero_stage": 0, "--no_stream_teacher": 0, "--no_group_by_length": 0,
-    "--random_start": 0, "--naive_pga": 0, "--eval_steps": 1, "--num_train_epochs": 1, "--max_eval_samples": 1,
-    "--temperature": 1, "--alpha": 1, "--epsilon": 1, "--step_size": 1, "--pga_steps": 1,
-}  # fmt: skip
+# Run flags that cannot change what a teacher cache holds (flag -> how many values follow it), from RunConfig's field
+# metadata: they do not give a run its own cache. Any other pass-through flag does (the cache's fingerprint would
+# refuse a mismatch).
+CACHE_NEUTRAL = teacher_neutral_flags(RunConfig)
 
 
 def parse_args(argv=None):
@@ -190,21 +189,13 @@ def cache_tag(passthrough) -> str:
 
 def needs_attentions(argv) -> bool:
     """The run's resolved objective, parsed exactly as distill_glue parses it (bad pass-through flags fail here)."""
-    from distill_glue import check_cheap, parse_args
-
-    rargs = parse_args(argv)
-    rargs.output_dir = os.devnull  # check_cheap also checks the output dir; that is the sweep's business
-    _, cfg = check_cheap(rargs)
-    return cfg.needs_attentions
+    return config_from_args(run_parser(__doc__).parse_args(argv)).objective.needs_attentions
 
 
 def command(args, argv):
     if args.launcher:
         return shlex.split(args.launcher) + [os.path.join(RECIPES, "distill_glue.py")] + argv
-    code = (
-        "import sys; sys.path.insert(0, %r); from distill_glue import main; from ad2_ds.dist import clean_exit; "
-        "clean_exit(main(sys.argv[1:]))" % RECIPES
-    )
+    code = "import sys; from recipes import distill_glue as d; d.clean_exit(d.main(sys.argv[1:]))"
     return [sys.executable, "-c", code] + argv
 
 
