@@ -35,13 +35,14 @@ def build_engine(
     layout=None,
     keep_zero_stage: bool = False,
     optimizer=None,
+    single_rank_path: bool = True,
 ) -> Tuple[object, dict]:
     """``(engine, resolved ds_config)`` for ``objective`` (any ``nn.Module``; usually an AD2Objective).
 
     ds_config: a path or the JSON as a dict. train_size / num_epochs: size the scheduler's "auto" step counts (without
     them an "auto" count is an error). layout: the hosted layout (:func:`ad2_ds.dist.split_ranks`): the engine trains
     on its student group. optimizer: a torch optimizer instead of the JSON's (needs ``zero_allow_untested_optimizer``
-    under ZeRO).
+    under ZeRO). single_rank_path: False builds exactly the JSON's engine, even on one rank (for measuring it).
     """
     import deepspeed
 
@@ -53,7 +54,7 @@ def build_engine(
         check_ds_config(ds_config, "the DeepSpeed config", world_size, _on_gpu())
     if train_size is not None:
         ds_config = resolve_scheduler_steps(ds_config, num_epochs * steps_per_epoch(ds_config, train_size, world_size))
-    if not keep_zero_stage:
+    if single_rank_path and not keep_zero_stage:
         ds_config, note = single_rank_config(ds_config, world_size)
         if note and dist.get_rank(group) == 0:
             print(note, flush=True)
@@ -66,9 +67,10 @@ def build_engine(
     engine, *_ = deepspeed.initialize(
         model=objective, model_parameters=params, optimizer=optimizer, config=ds_config, mpu=mpu
     )
-    from .patches import skip_single_rank_allreduce
+    if single_rank_path:
+        from .patches import skip_single_rank_allreduce
 
-    skip_single_rank_allreduce(engine)
+        skip_single_rank_allreduce(engine)
     return engine, ds_config
 
 

@@ -381,9 +381,8 @@ class Phase:
         )
 
     def build_engine(self, method: str, cached, cached_mib) -> None:
-        import deepspeed
-
         from ad2_ds import AD2Objective
+        from ad2_ds.engine import build_engine
 
         mem, ctx = self.mem, self.ctx
         mem.empty_cache()
@@ -393,7 +392,7 @@ class Phase:
         student = copy.deepcopy(ctx["student"]).train()
         objective = AD2Objective(student, self.cfg(method), teacher_config=ctx["teacher_config"])
         optimizer = adamw(objective.parameters(), self.opt_params)
-        engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, config=copy.deepcopy(self.ds_json))
+        engine, _ = build_engine(objective, copy.deepcopy(self.ds_json), optimizer=optimizer, single_rank_path=False)
         self.engines.append(engine)
         counter = PassCounter(student)  # after the objective's tap (see PassCounter)
         owner = {"engine": engine}

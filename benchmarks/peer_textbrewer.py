@@ -135,10 +135,8 @@ def make_textbrewer(student, teacher, batches, temperature, lr, general: bool):
 
 
 def make_ad2ds(student, teacher, batches, temperature, lr, stage, single_rank_path=False):
-    import deepspeed
-
     from ad2_ds import AD2Config, AD2Objective
-    from ad2_ds.dsconfig import single_rank_config, skip_single_rank_allreduce
+    from ad2_ds.engine import build_engine
     from ad2_ds.teachers import LocalTeacher
 
     objective = AD2Objective(student.train(), AD2Config(method="kd", temperature=temperature))
@@ -148,11 +146,8 @@ def make_ad2ds(student, teacher, batches, temperature, lr, stage, single_rank_pa
                  "steps_per_print": 10**9}
     if stage == 2:
         ds_config["zero_optimization"].update(contiguous_gradients=True, overlap_comm=False, reduce_scatter=True)
-    if single_rank_path:  # what recipes/distill_glue.py does with a ZeRO-1/2 config on one rank
-        ds_config, _ = single_rank_config(ds_config, data_parallel_size=1)
-    engine, *_ = deepspeed.initialize(model=objective, optimizer=opt, config=ds_config)
-    if single_rank_path:
-        skip_single_rank_allreduce(engine)
+    # single_rank_path: what recipes/distill_glue.py does with a ZeRO-1/2 config on one rank
+    engine, _ = build_engine(objective, ds_config, optimizer=opt, single_rank_path=single_rank_path)
     t = LocalTeacher(teacher)
     it = Cycle(batches)
 

@@ -38,11 +38,13 @@ def _data(n):
 
 
 def _engine(deepspeed):
+    from ad2_ds.engine import build_engine
+
     objective = AD2Objective(tiny_bert(seed=2).train(), AD2Config(method="kd"))
     cfg = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}
     cfg["zero_allow_untested_optimizer"] = True
     opt = torch.optim.AdamW(objective.parameters(), lr=1e-3)
-    return deepspeed.initialize(model=objective, optimizer=opt, config=cfg)[0]
+    return build_engine(objective, cfg, optimizer=opt, single_rank_path=False)[0]
 
 
 def test_nonfinite_loss_is_skipped_and_counted(one_rank, tmp_path):
