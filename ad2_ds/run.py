@@ -301,21 +301,30 @@ def run_distillation(config: RunConfig, callbacks: Sequence = ()) -> Optional[di
     return _distill(config, task, ds_config, teacher_path, splits, setup_seconds, callbacks)
 
 
-def _distill(config, task, ds_config, teacher_path, splits, setup_seconds, callbacks):
-    import datasets
-    import torch.distributed as dist
-    from transformers import AutoTokenizer, set_seed
+@dataclass
+class _Models:
+    """The run's models and tokenizers (the teacher's are None for a method without one)."""
 
-    from .data.assets import resolve_model
-    from .data.glue import DataCollator, tokenize_dataset
+    teacher: object
+    tok_t: object
+    student: object
+    tok_s: object
+
+    @property
+    def two_tokenizers(self) -> bool:
+        return self.tok_t is not None and self.tok_t.get_vocab() != self.tok_s.get_vocab()
+
+
+def _distill(config, task, ds_config, teacher_path, splits, setup_seconds, callbacks):
+    import torch.distributed as dist
+    from transformers import set_seed
+
     from .engine import build_engine
-    from .modeling import count_parameters, measure_latency, save_pretrained_atomic, student_from_teacher
     from .objective import AD2Objective
-    from .teachers.factory import CacheData, TeacherNeeds, TeacherPlacement, build_teacher, serve_hosted_teacher
-    from .trainer import TrainConfig, evaluate, train
+    from .teachers.factory import TeacherNeeds, TeacherPlacement, build_teacher, serve_hosted_teacher
+    from .trainer import train
 
     cfg = config.objective
-    rank, world_size = dist.get_rank(), dist.get_world_size()
     layout = group = None  # hosted layout: the student trains on `group`, the teacher ranks only serve
     if config.teacher_ranks:
         from .dist import split_ranks
@@ -324,129 +333,36 @@ def _distill(config, task, ds_config, teacher_path, splits, setup_seconds, callb
         group = layout.student_group
     placement = TeacherPlacement(config.teacher_tp_size, config.teacher_dtype, config.teacher_cache, layout)
     set_seed(config.seed)
-    eager = cfg.needs_attentions
-    teacher_model = tok_t = None
-    if teacher_path is not None:
-        teacher_path = resolve_model(teacher_path)
-        teacher_model = load_classifier(teacher_path, task.num_labels, eager, config.trust_remote_code, "teacher")
-        teacher_model = teacher_model.eval()
-        tok_t = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=config.trust_remote_code)
-    if layout is not None:
-        if layout.role == "teacher":
-            needs = TeacherNeeds(() if cfg.needs_hidden_states else None, cfg.needs_attentions)
-            stats = serve_hosted_teacher(teacher_model, needs, placement)
-            logger.info(
-                "teacher rank %d served %s requests in %.1f s", rank, stats["requests"], stats["teacher_seconds"]
-            )
-            return None
-        rank, world_size = dist.get_rank(group), dist.get_world_size(group)
-    if config.student:
-        student_path = resolve_model(config.student)
-        student = load_classifier(student_path, task.num_labels, eager, config.trust_remote_code, "student")
-        tok_s = AutoTokenizer.from_pretrained(student_path, trust_remote_code=config.trust_remote_code)
-    else:
-        strategy, _, n = config.student_layers.partition(":")
-        student, tok_s = student_from_teacher(teacher_model, int(n), strategy), tok_t
-    student.train()
-    two_tokenizers = tok_t is not None and tok_t.get_vocab() != tok_s.get_vocab()
-    if two_tokenizers and (cfg.deep_kd or cfg.w_pkd > 0):
-        raise ValueError(
-            f"method {cfg.method} compares hidden states token by token, but the teacher and student tokenizers "
-            "differ: use method kd or ad2-dkd (logits only), or a student built from the teacher (student_layers)"
-        )
-    max_positions = min(
-        getattr(m.config, "max_position_embeddings", 10**9) for m in (teacher_model, student) if m is not None
-    )
-    if config.data.max_seq_length > max_positions:
-        logger.warning(
-            "--max_seq_length %d exceeds the models' %d positions: using %d",
-            config.data.max_seq_length,
-            max_positions,
-            max_positions,
-        )
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data, max_seq_length=max_positions))
+    if layout is not None and layout.role == "teacher":
+        teacher_model = _load_teacher(config, task, teacher_path)[0]
+        needs = TeacherNeeds(() if cfg.needs_hidden_states else None, cfg.needs_attentions)
+        stats = serve_hosted_teacher(teacher_model, needs, placement)
+        secs = stats["teacher_seconds"]
+        logger.info("teacher rank %d served %s requests in %.1f s", dist.get_rank(), stats["requests"], secs)
+        return None
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    models = _load_models(config, task, teacher_path)
+    config = _fit_positions(config, models)
+    tokenized, truncated = _tokenize(config, splits, models, group)
+    collator = _collator(models)
+    train_ds, dev_sets = tokenized["train"], {split: tokenized[split] for split in task.dev_splits}
 
-    # Rank 0 tokenizes first and fills the datasets cache; the others then read it.
-    if rank != 0:
-        dist.barrier(group)
-    tokenized, truncated = tokenize_dataset(
-        datasets.DatasetDict(splits),
-        tok_s,
-        config.data.max_seq_length,
-        teacher_tokenizer=tok_t if two_tokenizers else None,
-    )
-    if rank == 0:
-        dist.barrier(group)
-    collator = DataCollator(tok_s.pad_token_id, tok_t.pad_token_id if two_tokenizers else None)
-    train_ds = tokenized["train"]
-    dev_sets = {split: tokenized[split] for split in task.dev_splits}
-
-    # Teacher quality and both models' latency, before DeepSpeed shards anything.
     clock = time.perf_counter()
-    report = {
-        "student_params": count_parameters(student),
-        "student_latency_ms": measure_latency(student, dev_sets, collator),
-    }
-    if teacher_model is not None:
-        teacher_dev = dev_sets if not two_tokenizers else {k: _teacher_view(v) for k, v in dev_sets.items()}
-        t_collator = DataCollator(tok_t.pad_token_id)
-        report.update(
-            teacher_scores=evaluate(teacher_model, teacher_dev, t_collator, task, 32, group=group),
-            teacher_params=count_parameters(teacher_model),
-            teacher_latency_ms=measure_latency(teacher_model, teacher_dev, t_collator),
-        )
-
+    report = _measure(models, dev_sets, collator, task, group)  # before DeepSpeed shards anything
     setup_seconds["evaluate_teacher_and_latency"], clock = time.perf_counter() - clock, time.perf_counter()
-    objective = AD2Objective(student, cfg, teacher_config=teacher_model.config if cfg.needs_teacher else None)
+    teacher_config = models.teacher.config if cfg.needs_teacher else None
+    objective = AD2Objective(models.student, cfg, teacher_config=teacher_config)
     engine, ds_config = build_engine(
-        objective,
-        ds_config,
-        train_size=len(train_ds),
-        num_epochs=config.num_train_epochs,
-        layout=layout,
-        keep_zero_stage=config.keep_zero_stage,
+        objective, ds_config, len(train_ds), config.num_train_epochs, layout, config.keep_zero_stage
     )
-
     setup_seconds["objective_and_engine"], clock = time.perf_counter() - clock, time.perf_counter()
     teacher = None
     if cfg.needs_teacher:
-        cache_data = None
-        if config.teacher_cache:
-            from .teachers.cache import fingerprint, state_dict_hash
-
-            parts = {
-                "teacher": state_dict_hash(teacher_model) if config.teacher_tp_size == 1 else teacher_path,
-                "tokenizer": fingerprint(sorted(tok_t.get_vocab().items())),
-                "task": config.data.task,
-                "data": getattr(train_ds, "_fingerprint", None) or fingerprint(train_ds["idx"]),
-                "max_length": config.data.max_seq_length,
-                "settings": config.teacher_settings(),
-            }
-            cache_data = CacheData(train_ds, collator, parts)
-        teacher = build_teacher(teacher_model, objective.teacher_needs(), placement, task.num_labels, cache_data)
+        cache_data = _cache_data(config, models, train_ds, collator, teacher_path)
+        teacher = build_teacher(models.teacher, objective.teacher_needs(), placement, task.num_labels, cache_data)
     setup_seconds["teacher"] = time.perf_counter() - clock  # includes building the teacher cache when there is one
 
-    out = config.output_dir
-    if rank == 0:
-        if config.overwrite_output_dir and not config.resume:
-            _clear_run(out)
-        os.makedirs(out, exist_ok=True)
-    dist.barrier(group)
-
-    def save_best(record):
-        save_pretrained_atomic(
-            objective.student, tok_s, os.path.join(out, "best"), extra={"ad2_best.json": record}, group=group
-        )
-
-    tcfg = TrainConfig(
-        output_dir=out,
-        num_train_epochs=config.num_train_epochs,
-        eval_steps=config.eval_steps,
-        seed=config.seed,
-        group_by_length=config.group_by_length,
-        stream_teacher=config.stream_teacher,
-        progress=config.progress,
-    )
+    out = _prepare_output_dir(config, rank, group)
     try:
         state = train(
             engine,
@@ -455,8 +371,8 @@ def _distill(config, task, ds_config, teacher_path, splits, setup_seconds, callb
             dev_sets,
             collator,
             task,
-            tcfg,
-            on_best=save_best,
+            _train_config(config),
+            on_best=lambda record: _save_best(objective, models.tok_s, out, record, group),
             resume=config.resume,
             group=group,
             callbacks=callbacks,
@@ -478,22 +394,11 @@ def _distill(config, task, ds_config, teacher_path, splits, setup_seconds, callb
         "teacher": teacher_path,
         "student_init": config.student or config.student_layers,
         "train_examples": len(train_ds),  # with augment_copies N: (N + 1) x the originals
-        "history": state.history,
-        "best": {"step": state.best_step, **state.best_scores},
-        "train_seconds": state.train_seconds,
-        "samples_per_second": state.samples / max(state.train_seconds, 1e-9),
-        "teacher_wait_seconds": state.teacher_wait_seconds,
+        **_state_results(state),
         "setup_seconds": setup_seconds,
-        "nonfinite_skipped": state.nonfinite_skipped,
         "overflow_skipped_steps": engine.skipped_steps,
         "truncated": truncated,
-        "engine": {
-            "micro_batch": engine.train_micro_batch_size_per_gpu(),
-            "grad_accum": engine.gradient_accumulation_steps(),
-            "bf16": engine.bfloat16_enabled(),
-            "fp16": engine.fp16_enabled(),
-            "zero_stage": engine.zero_optimization_stage(),
-        },
+        "engine": _engine_facts(engine),
         **report,
     }
     test = score_test_split(task, tokenized, collator, out, config, engine, group)
@@ -505,6 +410,178 @@ def _distill(config, task, ds_config, teacher_path, splits, setup_seconds, callb
 
     write_json_atomic(os.path.join(out, "results.json"), results)
     return results
+
+
+def _load_teacher(config, task, teacher_path):
+    """(teacher model in eval mode, its tokenizer), or (None, None) without a teacher path."""
+    if teacher_path is None:
+        return None, None
+    from transformers import AutoTokenizer
+
+    from .data.assets import resolve_model
+
+    path, eager, trust = resolve_model(teacher_path), config.objective.needs_attentions, config.trust_remote_code
+    model = load_classifier(path, task.num_labels, eager, trust, "teacher").eval()
+    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+
+
+def _load_models(config, task, teacher_path) -> _Models:
+    """The teacher (when there is one) and the student: a given checkpoint, or layers taken from the teacher."""
+    from transformers import AutoTokenizer
+
+    from .data.assets import resolve_model
+    from .modeling import student_from_teacher
+
+    cfg, trust = config.objective, config.trust_remote_code
+    teacher, tok_t = _load_teacher(config, task, teacher_path)
+    if config.student:
+        path = resolve_model(config.student)
+        student = load_classifier(path, task.num_labels, cfg.needs_attentions, trust, "student")
+        tok_s = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    else:
+        strategy, _, n = config.student_layers.partition(":")
+        student, tok_s = student_from_teacher(teacher, int(n), strategy), tok_t
+    student.train()
+    models = _Models(teacher, tok_t, student, tok_s)
+    if models.two_tokenizers and (cfg.deep_kd or cfg.w_pkd > 0):
+        raise ValueError(
+            f"method {cfg.method} compares hidden states token by token, but the teacher and student tokenizers "
+            "differ: use method kd or ad2-dkd (logits only), or a student built from the teacher (student_layers)"
+        )
+    return models
+
+
+def _fit_positions(config, models: _Models):
+    """The config with max_seq_length cut to the models' position embeddings (with a warning) when longer."""
+    max_positions = min(
+        getattr(m.config, "max_position_embeddings", 10**9) for m in (models.teacher, models.student) if m is not None
+    )
+    length = config.data.max_seq_length
+    if length <= max_positions:
+        return config
+    logger.warning(
+        "--max_seq_length %d exceeds the models' %d positions: using %d", length, max_positions, max_positions
+    )
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, max_seq_length=max_positions))
+
+
+def _tokenize(config, splits, models: _Models, group):
+    """Every split tokenized by the student's tokenizer (and the teacher's own, when they differ). Rank 0 tokenizes
+    first and fills the datasets cache; the others then read it."""
+    import datasets
+    import torch.distributed as dist
+
+    from .data.glue import tokenize_dataset
+
+    rank = dist.get_rank(group)
+    if rank != 0:
+        dist.barrier(group)
+    tok_t = models.tok_t if models.two_tokenizers else None
+    out = tokenize_dataset(
+        datasets.DatasetDict(splits), models.tok_s, config.data.max_seq_length, teacher_tokenizer=tok_t
+    )
+    if rank == 0:
+        dist.barrier(group)
+    return out
+
+
+def _collator(models: _Models):
+    from .data.glue import DataCollator
+
+    return DataCollator(models.tok_s.pad_token_id, models.tok_t.pad_token_id if models.two_tokenizers else None)
+
+
+def _measure(models: _Models, dev_sets, collator, task, group) -> dict:
+    """Parameters and latency of both models, and the teacher's dev scores."""
+    from .data.glue import DataCollator
+    from .modeling import count_parameters, measure_latency
+    from .trainer import evaluate
+
+    report = {
+        "student_params": count_parameters(models.student),
+        "student_latency_ms": measure_latency(models.student, dev_sets, collator),
+    }
+    if models.teacher is not None:
+        teacher_dev = dev_sets if not models.two_tokenizers else {k: _teacher_view(v) for k, v in dev_sets.items()}
+        t_collator = DataCollator(models.tok_t.pad_token_id)
+        report.update(
+            teacher_scores=evaluate(models.teacher, teacher_dev, t_collator, task, 32, group=group),
+            teacher_params=count_parameters(models.teacher),
+            teacher_latency_ms=measure_latency(models.teacher, teacher_dev, t_collator),
+        )
+    return report
+
+
+def _cache_data(config, models: _Models, train_ds, collator, teacher_path):
+    """What a teacher cache is built from and keyed by (None without --teacher_cache)."""
+    if not config.teacher_cache:
+        return None
+    from .teachers.cache import fingerprint, state_dict_hash
+    from .teachers.factory import CacheData
+
+    parts = {
+        "teacher": state_dict_hash(models.teacher) if config.teacher_tp_size == 1 else teacher_path,
+        "tokenizer": fingerprint(sorted(models.tok_t.get_vocab().items())),
+        "task": config.data.task,
+        "data": getattr(train_ds, "_fingerprint", None) or fingerprint(train_ds["idx"]),
+        "max_length": config.data.max_seq_length,
+        "settings": config.teacher_settings(),
+    }
+    return CacheData(train_ds, collator, parts)
+
+
+def _prepare_output_dir(config, rank, group) -> str:
+    import torch.distributed as dist
+
+    out = config.output_dir
+    if rank == 0:
+        if config.overwrite_output_dir and not config.resume:
+            _clear_run(out)
+        os.makedirs(out, exist_ok=True)
+    dist.barrier(group)
+    return out
+
+
+def _save_best(objective, tokenizer, out, record, group) -> None:
+    from .modeling import save_pretrained_atomic
+
+    extra = {"ad2_best.json": record}
+    save_pretrained_atomic(objective.student, tokenizer, os.path.join(out, "best"), extra=extra, group=group)
+
+
+def _train_config(config):
+    from .trainer import TrainConfig
+
+    return TrainConfig(
+        output_dir=config.output_dir,
+        num_train_epochs=config.num_train_epochs,
+        eval_steps=config.eval_steps,
+        seed=config.seed,
+        group_by_length=config.group_by_length,
+        stream_teacher=config.stream_teacher,
+        progress=config.progress,
+    )
+
+
+def _state_results(state) -> dict:
+    return {
+        "history": state.history,
+        "best": {"step": state.best_step, **state.best_scores},
+        "train_seconds": state.train_seconds,
+        "samples_per_second": state.samples / max(state.train_seconds, 1e-9),
+        "teacher_wait_seconds": state.teacher_wait_seconds,
+        "nonfinite_skipped": state.nonfinite_skipped,
+    }
+
+
+def _engine_facts(engine) -> dict:
+    return {
+        "micro_batch": engine.train_micro_batch_size_per_gpu(),
+        "grad_accum": engine.gradient_accumulation_steps(),
+        "bf16": engine.bfloat16_enabled(),
+        "fp16": engine.fp16_enabled(),
+        "zero_stage": engine.zero_optimization_stage(),
+    }
 
 
 def score_test_split(task, tokenized, collator, out, config, engine, group) -> Optional[dict]:
