@@ -107,11 +107,16 @@ def save_state(engine, ckpt_dir: str, state: TrainState, group=None, run_config:
                 shutil.rmtree(path, ignore_errors=True)
 
 
+def check_resumable(ckpt_dir: str) -> None:
+    """The one check that a run can resume: a complete checkpoint (its ``latest``) exists under ``ckpt_dir``."""
+    if not os.path.isfile(os.path.join(ckpt_dir, "latest")):
+        raise ValueError(f"resume: no checkpoint under {ckpt_dir}; start without resuming")
+
+
 def load_state(engine, ckpt_dir: str, group=None) -> TrainState:
     import pickle
 
-    if not os.path.isfile(os.path.join(ckpt_dir, "latest")):
-        raise ValueError(f"--resume: no checkpoint under {ckpt_dir}; start without --resume")
+    check_resumable(ckpt_dir)
     load_weights_only(engine)
     try:
         with default_group(group, engine):

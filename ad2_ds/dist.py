@@ -274,6 +274,14 @@ def parse_ranks(spec: Optional[str]) -> Tuple[int, ...]:
     return tuple(int(x) for x in str(spec).split(",") if x.strip())
 
 
+def check_teacher_ranks(teacher_ranks: Sequence[int], world_size: Optional[int] = None) -> None:
+    """The one check of a hosted layout's teacher ranks: distinct, >= 0, and below ``world_size`` when known."""
+    bad = len(set(teacher_ranks)) < len(teacher_ranks) or any(r < 0 for r in teacher_ranks)
+    if bad or (world_size is not None and any(r >= world_size for r in teacher_ranks)):
+        where = f"[0, {world_size})" if world_size is not None else "the world"
+        raise ValueError(f"teacher ranks {list(teacher_ranks)} must be distinct ranks of {where}")
+
+
 def split_ranks(teacher_ranks: Sequence[int]) -> HostedLayout:
     """Split the world into teacher and student ranks and create their process groups (a collective: every rank
     calls it, with the same ``teacher_ranks``).
@@ -282,9 +290,8 @@ def split_ranks(teacher_ranks: Sequence[int]) -> HostedLayout:
     student rank (``new_group`` needs every rank of the world to take part in each creation).
     """
     world, rank = get_world_size(), get_rank()
+    check_teacher_ranks(teacher_ranks, world)
     teachers = tuple(sorted(set(int(r) for r in teacher_ranks)))
-    if len(teachers) != len(teacher_ranks) or any(r < 0 or r >= world for r in teachers):
-        raise ValueError(f"hosted layout: teacher ranks {list(teacher_ranks)} must be distinct ranks of [0, {world})")
     students = tuple(r for r in range(world) if r not in teachers)
     assign_teacher_ranks(teachers, students)  # raises on an uneven split
     teacher_group = tdist.new_group(list(teachers))

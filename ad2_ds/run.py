@@ -117,12 +117,7 @@ class RunConfig:
         if isinstance(self.teacher_ranks, (list, str)):
             object.__setattr__(self, "teacher_ranks", _ranks(self.teacher_ranks))
         cfg, ranks = self.objective, self.teacher_ranks
-        if not self.deepspeed:
-            raise ConfigError("deepspeed", "is missing: give a DeepSpeed JSON, e.g. ds_configs/zero2.json")
-        if self.num_train_epochs < 1:
-            raise ConfigError("num_train_epochs", f"must be >= 1, got {self.num_train_epochs}")
-        if self.eval_steps < 0:
-            raise ConfigError("eval_steps", f"must be >= 0, got {self.eval_steps}")
+        self.train_config()  # checks the epochs and the evaluation interval
         if self.teacher_tp_size < 1:
             raise ConfigError("teacher_tp_size", f"must be >= 1, got {self.teacher_tp_size}")
         if self.teacher_dtype not in ("fp32", "bf16", "fp16"):
@@ -132,8 +127,9 @@ class RunConfig:
             if strategy not in ("skip", "top", "bottom") or not n.isdigit() or int(n) < 1:
                 raise ConfigError("student_layers", f"{self.student_layers!r}: use skip|top|bottom:N, e.g. bottom:3")
         if ranks:
-            if min(ranks) < 0 or len(set(ranks)) < len(ranks):
-                raise ConfigError("teacher_ranks", f"{list(ranks)}: distinct ranks >= 0 needed")
+            from .dist import check_teacher_ranks
+
+            check_teacher_ranks(ranks)
             if self.teacher_tp_size not in (1, len(ranks)):
                 raise ConfigError(
                     "teacher_tp_size", "with teacher_ranks the teacher is tensor-parallel over those ranks"
@@ -146,6 +142,20 @@ class RunConfig:
             raise ConfigError(
                 "teacher_cache", "stores logits and hidden states, not attention maps: drop it or set w_attention to 0"
             )
+
+    def train_config(self):
+        """The loop's settings (:class:`ad2_ds.trainer.TrainConfig`), which check themselves."""
+        from .trainer import TrainConfig
+
+        return TrainConfig(
+            output_dir=self.output_dir,
+            num_train_epochs=self.num_train_epochs,
+            eval_steps=self.eval_steps,
+            seed=self.seed,
+            group_by_length=self.group_by_length,
+            stream_teacher=self.stream_teacher,
+            progress=self.progress,
+        )
 
     def to_dict(self) -> dict:
         """The config as plain JSON data (nested like the dataclasses); :meth:`from_dict` reads it back."""
@@ -181,10 +191,9 @@ def check_run(config: RunConfig, world_size: int) -> dict:
     ranks = config.teacher_ranks
     student_world = world_size
     if ranks:
-        from .dist import assign_teacher_ranks
+        from .dist import assign_teacher_ranks, check_teacher_ranks
 
-        if max(ranks) >= world_size:
-            raise ConfigError("teacher_ranks", f"{list(ranks)}: distinct ranks of [0, {world_size}) needed")
+        check_teacher_ranks(ranks, world_size)
         assign_teacher_ranks(ranks, [r for r in range(world_size) if r not in ranks])
         student_world -= len(ranks)
     elif world_size % config.teacher_tp_size:
@@ -218,8 +227,11 @@ def check_run(config: RunConfig, world_size: int) -> dict:
             f"{out} already holds a run: set resume to continue it, overwrite_output_dir to replace it, "
             "or choose another output_dir",
         )
-    if config.resume and not os.path.isfile(os.path.join(out, "checkpoints", "latest")):
-        raise ConfigError("resume", f"no checkpoint under {out}/checkpoints; start without resume")
+    if config.resume:
+        from .checkpoint import check_resumable
+        from .trainer import CKPT_DIR
+
+        check_resumable(os.path.join(out, CKPT_DIR))
     return ds_config
 
 
@@ -371,7 +383,7 @@ def _distill(config, task, ds_config, teacher_path, splits, setup_seconds, callb
             dev_sets,
             collator,
             task,
-            _train_config(config),
+            config.train_config(),
             on_best=lambda record: _save_best(objective, models.tok_s, out, record, group),
             resume=config.resume,
             group=group,
@@ -547,20 +559,6 @@ def _save_best(objective, tokenizer, out, record, group) -> None:
 
     extra = {"ad2_best.json": record}
     save_pretrained_atomic(objective.student, tokenizer, os.path.join(out, "best"), extra=extra, group=group)
-
-
-def _train_config(config):
-    from .trainer import TrainConfig
-
-    return TrainConfig(
-        output_dir=config.output_dir,
-        num_train_epochs=config.num_train_epochs,
-        eval_steps=config.eval_steps,
-        seed=config.seed,
-        group_by_length=config.group_by_length,
-        stream_teacher=config.stream_teacher,
-        progress=config.progress,
-    )
 
 
 def _state_results(state) -> dict:

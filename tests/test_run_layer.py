@@ -68,12 +68,12 @@ def test_config_errors_name_the_field_and_the_command_line_names_its_flag():
     with pytest.raises(ConfigError) as e:
         RunConfig(deepspeed=ZERO2, student_layers="middle:2")
     assert e.value.field == "student_layers" and error_line(e.value).startswith("error: --student_layers 'middle:2'")
-    with pytest.raises(ConfigError, match="num_train_epochs"):
+    with pytest.raises(ValueError, match="num_train_epochs"):
         RunConfig(deepspeed=ZERO2, num_train_epochs=0)
     with pytest.raises(ConfigError, match="teacher_cache"):  # the cache holds no attention maps: refused up front
         RunConfig(deepspeed=ZERO2, teacher_cache="/tmp/c")
-    with pytest.raises(ConfigError, match="deepspeed"):
-        RunConfig()
+    with pytest.raises(ValueError, match="distinct ranks"):
+        RunConfig(deepspeed=ZERO2, teacher_ranks=(1, 1))
     assert error_line(ConfigError("progress", "x")) == "error: --no_progress x"
 
 
