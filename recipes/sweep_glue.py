@@ -88,7 +88,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--launcher",
         help="run each job as LAUNCHER recipes/distill_glue.py ARGS (e.g. 'deepspeed --num_gpus 8'); "
-        "default: one process calling distill_glue.main(ARGS)",
+        "default: python recipes/distill_glue.py ARGS (one process)",
     )
     p.add_argument(
         "--csv_monitor",
@@ -193,10 +193,8 @@ def needs_attentions(argv) -> bool:
 
 
 def command(args, argv):
-    if args.launcher:
-        return shlex.split(args.launcher) + [os.path.join(RECIPES, "distill_glue.py")] + argv
-    code = "import sys; from recipes import distill_glue as d; d.clean_exit(d.main(sys.argv[1:]))"
-    return [sys.executable, "-c", code] + argv
+    launcher = shlex.split(args.launcher) if args.launcher else [sys.executable]
+    return launcher + [os.path.join(RECIPES, "distill_glue.py")] + argv
 
 
 def execute(args, run) -> dict:
