@@ -61,13 +61,6 @@ def flags_of(cls) -> Dict[str, str]:
     return {path[-1]: flag_name(f) for path, f, _ in walk(cls) if f.metadata.get("cli", True)}
 
 
-def changes_teacher_outputs(cls) -> Dict[str, bool]:
-    """Flag name -> whether its value can change the teacher's outputs (field metadata ``teacher_outputs``)."""
-    return {
-        flag_name(f): f.metadata.get("teacher_outputs", True) for _, f, _ in walk(cls) if f.metadata.get("cli", True)
-    }
-
-
 def add_flags(parser: argparse.ArgumentParser, cls) -> None:
     """One flag per leaf field of ``cls`` (nested configs share the flat namespace), its default the field's."""
     for _, f, tp in walk(cls):
