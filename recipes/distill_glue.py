@@ -45,7 +45,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--student", help="student checkpoint (path or hub name); or use --student_layers")
     p.add_argument("--student_layers", default="bottom:3", help="student made from the teacher: skip|top|bottom:N")
-    p.add_argument("--method", default="ad2", help="finetune | kd | pkd | ad2 | ad2-dkd | ad2-kd")
+    p.add_argument(
+        "--method", default="ad2", help="finetune | kd | pkd | ad2 | ad2-dkd | ad2-kd | ad2-paper | ad2-smart"
+    )
     for name, kind in (
         ("alpha", float),
         ("w_ce", float),
@@ -56,9 +58,24 @@ def parse_args(argv=None):
     ):
         p.add_argument(f"--{name}", type=kind, help="override the method's preset weight")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--epsilon", type=float, default=1e-5, help="radius of δ's per-example L2 ball")
-    p.add_argument("--step_size", type=float, default=1e-3, help="η of the normalised ascent")
-    p.add_argument("--pga_steps", type=int, default=1, help="K")
+    from ad2_ds.config import PERTURB_NORMS, PERTURB_PLACES, PERTURB_SIZES, PERTURBATIONS, AD2Config
+
+    def _help(name):
+        return AD2Config.__dataclass_fields__[name].metadata["help"] + " (default: the method's preset)"
+
+    p.add_argument("--epsilon", type=float, help=_help("epsilon"))
+    p.add_argument("--step_size", type=float, help=_help("step_size"))
+    p.add_argument("--pga_steps", type=int, help=_help("pga_steps"))
+    p.add_argument("--perturbation", choices=PERTURBATIONS, help=_help("perturbation"))
+    p.add_argument("--perturb_norm", choices=PERTURB_NORMS, help=_help("perturb_norm"))
+    p.add_argument("--perturb_size", choices=PERTURB_SIZES, help=_help("perturb_size"))
+    p.add_argument("--perturb_place", choices=PERTURB_PLACES, help=_help("perturb_place"))
+    p.add_argument("--noise_var", type=float, help=_help("noise_var"))
+    p.add_argument(
+        "--random_direction",
+        action="store_true",
+        help=AD2Config.__dataclass_fields__["random_direction"].metadata["help"],
+    )
     p.add_argument("--random_start", action="store_true")
     p.add_argument("--naive_pga", action="store_true", help="recompute the clean forward for the first ascent step")
     p.add_argument("--layer_map", default="uniform", help="uniform | bottom | top | explicit 's:t,...'")
@@ -156,14 +173,14 @@ def check_cheap(args):
     overrides = {
         k: getattr(args, k)
         for k in ("alpha", "w_ce", "w_kd", "w_hidden", "w_attention", "w_pkd")
+        + ("epsilon", "step_size", "pga_steps", "perturbation", "perturb_norm", "perturb_size", "perturb_place")
+        + ("noise_var",)
         if getattr(args, k) is not None
     }
     cfg = AD2Config(
         method=args.method,
         temperature=args.temperature,
-        epsilon=args.epsilon,
-        step_size=args.step_size,
-        pga_steps=args.pga_steps,
+        random_direction=args.random_direction,
         random_start=args.random_start,
         fast_pga=not args.naive_pga,
         layer_map=args.layer_map,

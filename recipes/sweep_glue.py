@@ -56,6 +56,8 @@ CACHE_NEUTRAL = {
     "--no_progress": 0, "--keep_zero_stage": 0, "--no_stream_teacher": 0, "--no_group_by_length": 0,
     "--random_start": 0, "--naive_pga": 0, "--eval_steps": 1, "--num_train_epochs": 1, "--max_eval_samples": 1,
     "--temperature": 1, "--alpha": 1, "--epsilon": 1, "--step_size": 1, "--pga_steps": 1,
+    "--perturbation": 1, "--perturb_norm": 1, "--perturb_size": 1, "--perturb_place": 1, "--noise_var": 1,
+    "--random_direction": 0,
 }  # fmt: skip
 
 
@@ -295,9 +297,7 @@ def collect(args, runs) -> dict:
                 scores = [r["score"] for r in c["runs"] if r["score"] is not None]
                 c.update(n=len(scores), median=statistics.median(scores) if scores else None,
                          min=min(scores, default=None), max=max(scores, default=None))  # fmt: skip
-            ranked = sorted(
-                (c for c in configs.values() if c["median"] is not None), key=lambda c: -c["median"]
-            )
+            ranked = sorted((c for c in configs.values() if c["median"] is not None), key=lambda c: -c["median"])
             entry["methods"][method] = {"best": ranked[0] if ranked else None, "configs": list(configs.values())}
         summary["tasks"][task] = entry
     return summary
