@@ -34,9 +34,12 @@ def main(argv=None) -> int:
 
 def default_teacher_dir(args, task) -> str:
     from ad2_ds.data.assets import cache_root
+    from ad2_ds.data.offline import SPLIT_VERSION
 
+    # an offline task's default data is that layout's train split (v2: without the test examples)
+    layout = f"-split{SPLIT_VERSION}" if task.is_offline and not args.data_dir else ""
     key = (
-        f"{task.name}-{DEFAULT_MODEL}-n{args.max_train_samples}-len{args.max_seq_length}"
+        f"{task.name}{layout}-{DEFAULT_MODEL}-n{args.max_train_samples}-len{args.max_seq_length}"
         f"-e{args.teacher_epochs}-s{args.teacher_seed}"
     )
     if args.data_dir:

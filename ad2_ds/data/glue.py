@@ -185,12 +185,14 @@ def _load_from_hub(spec: TaskSpec, splits: Sequence[str]) -> datasets.DatasetDic
 def load_task(
     task: Union[str, TaskSpec], data_dir: Optional[PathLike] = None, splits: Optional[Sequence[str]] = None
 ) -> datasets.DatasetDict:
-    """A task's labelled splits (default: ``train`` and every dev split) with normalized columns."""
+    """A task's labelled splits (default: ``train`` and every dev split; ask for ``spec.test_split`` by name) with
+    normalized columns."""
     spec = get_task(task) if isinstance(task, str) else task
     splits = tuple(splits or spec.splits)
-    unknown = [s for s in splits if s not in spec.splits]
+    known = spec.splits + ((spec.test_split,) if spec.test_split else ())
+    unknown = [s for s in splits if s not in known]
     if unknown:
-        raise ValueError(f"{spec.name} has no split(s) {unknown}: choose from {list(spec.splits)}")
+        raise ValueError(f"{spec.name} has no split(s) {unknown}: choose from {list(known)}")
     if data_dir is None and not spec.is_offline:
         return _load_from_hub(spec, splits)
     if spec.is_offline:

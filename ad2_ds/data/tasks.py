@@ -48,6 +48,8 @@ class TaskSpec:
     tsv: the layout of the labelled TSV files (train and every dev split share it in the GLUE download).
     dir_name: the task's folder under a GLUE data dir (``SST-2``).
     hf_name: the configuration name of the Hugging Face ``nyu-mll/glue`` dataset; None for offline tasks.
+    test_split: a labelled split held out for the final report (also its TSV file stem), or None: the offline tasks'
+        ``test``, carved by hash out of their training data (:mod:`ad2_ds.data.offline`). Choose on dev, report on it.
     """
 
     name: str
@@ -62,6 +64,7 @@ class TaskSpec:
     dir_name: str
     tsv_label_values: Optional[Tuple[str, ...]] = None
     hf_name: Optional[str] = None
+    test_split: Optional[str] = None
     aliases: Tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self):
@@ -245,6 +248,7 @@ _SPECS = (
         dev_splits=("dev",),
         tsv=TsvLayout(True, ("sentence",), "label"),
         dir_name="movie-polarity",
+        test_split="test",
     ),
     TaskSpec(
         name="movie-valence",
@@ -257,6 +261,7 @@ _SPECS = (
         dev_splits=("dev",),
         tsv=TsvLayout(True, ("sentence",), "label"),
         dir_name="movie-valence",
+        test_split="test",
     ),
     TaskSpec(
         name="trec",
@@ -270,6 +275,7 @@ _SPECS = (
         dev_splits=("dev",),
         tsv=TsvLayout(True, ("sentence",), "label"),
         dir_name="trec",
+        test_split="test",
         aliases=("trec-6", "trec6"),
     ),
     TaskSpec(
@@ -285,6 +291,7 @@ _SPECS = (
         dev_splits=("dev",),
         tsv=TsvLayout(True, ("sentence",), "label"),
         dir_name="sms-spam",
+        test_split="test",
         aliases=("spam",),
     ),
 )
