@@ -4,7 +4,8 @@
         --json_out docs/results/quality/ad2-selection.json
 
 Each setting is a list of distill_glue flags (``SETTINGS``; ``--settings`` picks some, in order). The runs go
-setting-major (every task of one setting before the next), so a sweep stopped early leaves whole rows. A run whose
+setting-major (every task of one setting before the next, so a sweep stopped early leaves whole rows) or, with
+``--task_major``, task by task (whole columns: on a loaded machine, one task's comparison complete first). A run whose
 ``results.json`` exists is skipped, so re-running resumes. Every run of a task shares one teacher cache
 (logits only: every setting here uses deep-KD weight 0). The summary reads each run's best dev score (the task's main
 metric) and whole-run cost, and gives per setting: the score minus kd's and minus the ε = 0 control's on each task,
@@ -100,15 +101,18 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--task_major", action="store_true", help="run every setting of a task before the next task")
     p.add_argument("--collect_only", action="store_true")
     p.add_argument("--json_out")
     args = p.parse_args(argv)
     failed = []
     if not args.collect_only:
-        for setting in args.settings:
-            for task in args.tasks:
-                if run_one(args, task, setting):
-                    failed.append(f"{task}/{setting}")
+        order = [(t, s) for s in args.settings for t in args.tasks]
+        if args.task_major:
+            order = [(t, s) for t in args.tasks for s in args.settings]
+        for task, setting in order:
+            if run_one(args, task, setting):
+                failed.append(f"{task}/{setting}")
     runs, scores = {}, {}
     for setting in args.settings:
         for task in args.tasks:
