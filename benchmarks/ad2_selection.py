@@ -26,6 +26,8 @@ _DKD0 = ["--method", "ad2-dkd"]  # ce + kd + α·ada, deep-KD weight 0
 SETTINGS = {
     "kd": ["--method", "kd"],
     "eps0": _DKD0 + ["--epsilon", "0"],
+    "tok-l2-rel0.02": _DKD0 + ["--perturb_norm", "token-l2", "--perturb_size", "relative"]
+    + ["--epsilon", "0.02", "--step_size", "0.02"],
     "tok-l2-rel0.05": _DKD0 + ["--perturb_norm", "token-l2", "--perturb_size", "relative"]
     + ["--epsilon", "0.05", "--step_size", "0.05"],
     "tok-l2-rel0.05-random": _DKD0 + ["--perturb_norm", "token-l2", "--perturb_size", "relative"]
