@@ -13,6 +13,20 @@ Presets (every term weight left as ``None`` takes the preset's value):
 | ad2        | 1  | 1  | 1       | 1, 1 (clean and adversarial) | 0   | yes     |
 | ad2-dkd    | 1  | 1  | 1       | 0                            | 0   | yes     |
 | ad2-kd     | 1  | 0  | 1       | 0                            | 0   | no: δ maximises CE on labels |
+| ad2-paper  | 1  | 1  | 1       | 1, 1 (clean and adversarial) | 0   | yes                          |
+| ad2-smart  | 1  | 1  | 1       | 1, 1 (clean and adversarial) | 0   | yes                          |
+
+The perturbation (every field left as ``None`` takes the preset's value, else :data:`PERTURBATION_DEFAULTS`):
+
+| method     | perturbation | norm       | size     | place  | ε or σ   | η    | K | reading                         |
+|------------|--------------|------------|----------|--------|----------|------|---|---------------------------------|
+| ad2-paper  | pga          | example-l2 | absolute | output | ε = 1e-5 | 1e-3 | 1 | the paper as written: literal   |
+| ad2-smart  | smart        | token-linf | -        | pre-ln | σ = 1e-5 | 1e-3 | 1 | paper's ε, η in mt-dnn's SMART  |
+| all others | pga          | example-l2 | absolute | output | ε = 1e-5 | 1e-3 | 1 | the defaults (= ad2-paper)      |
+
+``ad2`` (the default method) is today the same as ``ad2-paper``. Controls, for any adversarial method: ``epsilon=0``
+(δ = 0: the adversarial term is KD on a second dropout draw, weighted α; the ascent is skipped) and
+``random_direction=True`` (δ of the same norms as the adversarial one, random signs per coordinate; same cost).
 """
 
 import dataclasses
@@ -36,7 +50,26 @@ PRESETS = {
     "ad2-kd": dict(
         w_ce=1.0, w_kd=0.0, alpha=1.0, w_hidden=0.0, w_attention=0.0, w_pkd=0.0, adversarial_target="labels"
     ),
-}
+    "ad2-paper": dict(
+        w_ce=1.0, w_kd=1.0, alpha=1.0, w_hidden=1.0, w_attention=1.0, w_pkd=0.0, adversarial_target="teacher",
+        perturbation="pga", perturb_norm="example-l2", perturb_size="absolute", perturb_place="output",
+        epsilon=1e-5, step_size=1e-3, pga_steps=1,
+    ),
+    "ad2-smart": dict(
+        w_ce=1.0, w_kd=1.0, alpha=1.0, w_hidden=1.0, w_attention=1.0, w_pkd=0.0, adversarial_target="teacher",
+        perturbation="smart", perturb_norm="token-linf", perturb_place="pre-ln", noise_var=1e-5, step_size=1e-3,
+        pga_steps=1,
+    ),
+}  # fmt: skip
+# What a preset that says nothing about the perturbation gets (the paper's literal reading).
+PERTURBATION_DEFAULTS = dict(
+    perturbation="pga", perturb_norm="example-l2", perturb_size="absolute", perturb_place="output",
+    epsilon=1e-5, step_size=1e-3, pga_steps=1, noise_var=1e-5,
+)  # fmt: skip
+PERTURBATIONS = ("pga", "smart")
+PERTURB_NORMS = ("example-l2", "token-l2", "token-linf")
+PERTURB_SIZES = ("absolute", "relative")
+PERTURB_PLACES = ("output", "pre-ln")
 METHODS = tuple(PRESETS)
 LAYER_MAPS = ("uniform", "skip", "bottom", "top")
 ATTENTION_LOSSES = ("kl", "mse")
@@ -49,7 +82,8 @@ class AD2Config:
 
     alpha: weight of the adversarial KD loss ``ada`` (also scales the adversarial deep-KD terms).
     temperature: softmax temperature t of ``kd`` and ``ada`` (losses carry the t² factor).
-    epsilon: radius of the per-example L2 ball of δ; step_size: η of the normalised ascent; pga_steps: K.
+    epsilon: radius of δ's ball (pga); step_size: η of the ascent; pga_steps: K (pga and smart).
+    perturbation, perturb_norm, perturb_size, perturb_place, noise_var, random_direction: see the fields' help.
     random_start: start the ascent at a random point of the ball (costs one extra forward/backward).
     fast_pga: reuse the clean forward's graph for the first ascent gradient (exact; saves one forward).
     adversarial_target: "teacher" (δ maximises KL to the teacher's soft labels) or "labels" (ad2-kd: CE on labels).
@@ -59,12 +93,60 @@ class AD2Config:
     adversarial_deep_kd: also apply the deep-KD terms to the adversarial forward (paper's DKD on both inputs).
     """
 
-    method: str = setting("ad2", "finetune | kd | pkd | ad2 | ad2-dkd | ad2-kd")
+    method: str = setting("ad2", " | ".join(METHODS))
     alpha: Optional[float] = setting(None, "override the method's preset weight", teacher_outputs=False)
     temperature: float = setting(1.0, teacher_outputs=False)
-    epsilon: float = setting(1e-5, "radius of δ's per-example L2 ball", teacher_outputs=False)
-    step_size: float = setting(1e-3, "η of the normalised ascent", teacher_outputs=False)
-    pga_steps: int = setting(1, "K", teacher_outputs=False)
+    epsilon: Optional[float] = setting(
+        None,
+        "radius of delta's ball in --perturb_norm (times each token's / example's norm with --perturb_size relative); "
+        "0: delta = 0, the control 'KD on a second dropout draw' (pga only); default: the method's preset, else 1e-5",
+        teacher_outputs=False,
+    )
+    step_size: Optional[float] = setting(
+        None,
+        "eta: size of each ascent step (in --perturb_norm, scaled like epsilon); default 1e-3",
+        teacher_outputs=False,
+    )
+    pga_steps: Optional[int] = setting(None, "K: number of ascent steps; default 1", teacher_outputs=False)
+    perturbation: Optional[str] = setting(
+        None,
+        "pga: projected normalised gradient ascent in an epsilon ball (the paper as written); smart: mt-dnn's SMART "
+        "(Gaussian start of std --noise_var, K steps of size eta, renormalised per token to size ~1; epsilon unused)",
+        choices=PERTURBATIONS,
+        teacher_outputs=False,
+    )
+    perturb_norm: Optional[str] = setting(
+        None,
+        "norm that bounds delta: example-l2 (one ball per sentence, the paper), token-l2 or token-linf (one ball per "
+        "token)",
+        choices=PERTURB_NORMS,
+        teacher_outputs=False,
+    )
+    perturb_size: Optional[str] = setting(
+        None,
+        "absolute: epsilon and eta as given; relative: times the clean embeddings' norm (per token, or per example "
+        "for example-l2), in the same norm (pga only)",
+        choices=PERTURB_SIZES,
+        teacher_outputs=False,
+    )
+    perturb_place: Optional[str] = setting(
+        None,
+        "where delta is added: output (the embedding module's output, the paper) or pre-ln (the summed "
+        "token/position/segment embeddings before their LayerNorm, FreeLB's place)",
+        choices=PERTURB_PLACES,
+        teacher_outputs=False,
+    )
+    noise_var: Optional[float] = setting(
+        None,
+        "smart: standard deviation of the Gaussian start (mt-dnn's noise_var); default 1e-5",
+        teacher_outputs=False,
+    )
+    random_direction: bool = setting(
+        False,
+        "control: compute the adversarial delta, then give each coordinate a random sign (every norm kept, direction "
+        "lost); same cost as the adversarial run",
+        teacher_outputs=False,
+    )
     random_start: bool = setting(False, teacher_outputs=False)
     fast_pga: bool = setting(
         True, "recompute the clean forward for the first ascent step", flag="naive_pga", teacher_outputs=False
@@ -85,13 +167,35 @@ class AD2Config:
     def __post_init__(self):
         if self.method not in PRESETS:
             raise ValueError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
-        for key, value in PRESETS[self.method].items():
+        for key, value in {**PERTURBATION_DEFAULTS, **PRESETS[self.method]}.items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
         checks = [
             (self.epsilon >= 0, f"epsilon must be >= 0, got {self.epsilon}"),
             (self.step_size > 0, f"step_size must be > 0, got {self.step_size}"),
             (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+            (self.noise_var >= 0, f"noise_var must be >= 0, got {self.noise_var}"),
+            (
+                self.perturbation in PERTURBATIONS,
+                f"perturbation must be one of {PERTURBATIONS}, got {self.perturbation!r}",
+            ),
+            (
+                self.perturb_norm in PERTURB_NORMS,
+                f"perturb_norm must be one of {PERTURB_NORMS}, got {self.perturb_norm!r}",
+            ),
+            (
+                self.perturb_size in PERTURB_SIZES,
+                f"perturb_size must be one of {PERTURB_SIZES}, got {self.perturb_size!r}",
+            ),
+            (
+                self.perturb_place in PERTURB_PLACES,
+                f"perturb_place must be one of {PERTURB_PLACES}, got {self.perturb_place!r}",
+            ),
+            (
+                not (self.perturbation == "smart" and (self.random_start or self.perturb_size == "relative")),
+                "perturbation 'smart' starts from its own Gaussian noise and renormalises to a fixed size: drop "
+                "random_start and perturb_size='relative'",
+            ),
             (
                 isinstance(self.pga_steps, int) and self.pga_steps >= 1,
                 f"pga_steps must be an int >= 1, got {self.pga_steps}",
@@ -126,6 +230,11 @@ class AD2Config:
     @property
     def adversarial(self) -> bool:
         return self.alpha > 0
+
+    @property
+    def zero_delta(self) -> bool:
+        """δ is identically 0 (the ε = 0 control): no ascent is run; the adversarial term sees another dropout draw."""
+        return self.perturbation == "pga" and self.epsilon == 0
 
     @property
     def deep_kd(self) -> bool:

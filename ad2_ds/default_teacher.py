@@ -18,10 +18,14 @@ MONITORS = ("csv_monitor", "tensorboard", "wandb", "comet")
 def default_teacher_dir(config, task) -> str:
     """Where the default teacher for ``config``'s data and teacher settings lives in the cache."""
     from .data.assets import cache_root
+    from .data.offline import SPLIT_VERSION
 
     data = config.data
+    # an offline task's default data is that layout's train split (v2: without the test examples), so a teacher
+    # trained on the first layout, whose train held today's test examples, is never reused
+    layout = f"-split{SPLIT_VERSION}" if task.is_offline and not data.data_dir else ""
     key = (
-        f"{task.name}-{DEFAULT_MODEL}-n{data.max_train_samples}-len{data.max_seq_length}"
+        f"{task.name}{layout}-{DEFAULT_MODEL}-n{data.max_train_samples}-len{data.max_seq_length}"
         f"-e{config.teacher_epochs}-s{config.teacher_seed}"
     )
     if data.data_dir:

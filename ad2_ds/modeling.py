@@ -46,32 +46,60 @@ def model_inputs(batch: Mapping[str, torch.Tensor], accepted: frozenset) -> Dict
     return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch and k in accepted}
 
 
-class EmbeddingTap:
-    """A forward hook on the embedding module. Set ``delta`` to add it to the output ([B, T, H], any dtype: it is
-    cast to the output's dtype inside the graph, so gradients reach a fp32 δ); set ``capture`` to keep the output
-    (made differentiable if the embeddings are frozen) in ``captured``."""
+def find_embedding_layernorm(embeddings: nn.Module) -> nn.Module:
+    """The LayerNorm the embedding module applies to its summed token/position/segment embeddings (FreeLB's place for
+    δ is its input)."""
+    norms = [m for m in embeddings.children() if isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("LayerNorm")]
+    if len(norms) != 1:
+        raise ValueError(
+            f"{type(embeddings).__name__} has {len(norms)} LayerNorm children, not one: perturb_place='pre-ln' needs "
+            "the embedding LayerNorm; use perturb_place='output'"
+        )
+    return norms[0]
 
-    def __init__(self, module: nn.Module):
+
+class EmbeddingTap:
+    """A hook at δ's place: the embedding module's output (``place="output"``) or the input of its LayerNorm, i.e. the
+    summed embeddings (``place="pre-ln"``). Set ``delta`` to add it there ([B, T, H], any dtype: it is cast to the
+    tensor's dtype inside the graph, so gradients reach a fp32 δ); set ``capture`` to keep the tensor there (made
+    differentiable if the embeddings are frozen) in ``captured``. The clean tensor of the last forward without δ is
+    kept, detached, in ``reference`` (for radii relative to it)."""
+
+    def __init__(self, module: nn.Module, place: str = "output"):
         self.delta: Optional[torch.Tensor] = None
         self.capture = False
         self.captured: Optional[torch.Tensor] = None
-        self.measure = False  # record in ``applied`` the per-example norm of what δ really changed
+        self.reference: Optional[torch.Tensor] = None
+        self.measure = False  # record what δ really changed: ``applied`` (per-example norm) and ``applied_cosine``
         self.applied: Optional[torch.Tensor] = None
-        self._handle = module.register_forward_hook(self._hook)
+        self.applied_cosine: Optional[torch.Tensor] = None
+        if place == "output":
+            self._handle = module.register_forward_hook(lambda mod, args, output: self._tap(output))
+        elif place == "pre-ln":
+            self._handle = find_embedding_layernorm(module).register_forward_pre_hook(self._pre_hook)
+        else:
+            raise ValueError(f"unknown perturbation place {place!r}: choose 'output' or 'pre-ln'")
 
-    def _hook(self, module, inputs, output):
-        if self.delta is not None:
-            perturbed = output + self.delta.to(output.dtype)
+    def _pre_hook(self, module, args):
+        return (self._tap(args[0]), *args[1:])
+
+    def _tap(self, x: torch.Tensor) -> torch.Tensor:
+        if self.delta is None:
+            self.reference = x.detach()
+        else:
+            perturbed = x + self.delta.to(x.dtype)
             if self.measure:
                 # In bf16/fp16 (and for tiny ε even in fp32) x + δ rounds back to x: measure what survived.
                 with torch.no_grad():
-                    self.applied = (perturbed.float() - output.float()).flatten(1).norm(dim=1)
-            output = perturbed
+                    diff, delta = perturbed.float() - x.float(), self.delta.float()
+                    self.applied = diff.flatten(1).norm(dim=1)
+                    self.applied_cosine = (diff * delta).sum() / (diff.norm() * delta.norm()).clamp_min(1e-30)
+            x = perturbed
         if self.capture:
-            if not output.requires_grad:
-                output = output.detach().requires_grad_(True)
-            self.captured = output
-        return output
+            if not x.requires_grad:
+                x = x.detach().requires_grad_(True)
+            self.captured = x
+        return x
 
     def remove(self):
         self._handle.remove()

@@ -15,6 +15,13 @@ clean forward 1; first ascent gradient by ``torch.autograd.grad`` on the retaine
 each further PGA step (K > 1, or a random start) one forward + input-only backward ≈ 2; adversarial forward 1;
 the caller's backward through clean and adversarial graphs 4. AD2 with K=1: ≈ 7 units against KD's 3.
 Under ZeRO-3 the first gradient needs its own forward (see ``zero3_partitioned``): ≈ 8 units.
+SMART (``perturbation="smart"``) starts from noise, so every one of its K steps costs ≈ 2: ≈ 8 units with K=1.
+Controls: ε = 0 skips the ascent (δ = 0, KD on a second dropout draw): ≈ 6 units; ``random_direction`` runs the
+ascent it randomises: the cost of the adversarial run.
+
+The fast first step (``fast_pga``) takes the gradient from the clean forward's graph, i.e. under the clean forward's
+dropout masks: it is exact for the clean forward's dropout sample, where a separate ascent forward in train mode would
+draw new masks (same distribution, not the same numbers).
 """
 
 import logging
@@ -36,7 +43,7 @@ from .modeling import (
     use_predropout_attention,
 )
 from .patches import engine_pre_forward
-from .perturb import per_example_norm, pga_perturbation
+from .perturb import per_example_norm, pga_perturbation, random_signs, smart_perturbation, unit_norm
 from .teachers.base import TEACHER_PREFIX, TeacherOutput
 from .teachers.factory import TeacherNeeds
 
@@ -59,14 +66,15 @@ class AD2Objective(nn.Module):
         # Call the engine itself when given one (ZeRO-3 and precision handling live there); never register it.
         self.__dict__["_forward_s"] = student if student is not inner else None
         self._accepted = accepted_inputs(inner)
-        self._tap = EmbeddingTap(find_embedding_module(inner))
+        self._tap = EmbeddingTap(find_embedding_module(inner), self.config.perturb_place)
         self._n_layers_s = num_layers(inner.config)
         self._hidden_s = inner.config.hidden_size
         self._n_labels_s = inner.config.num_labels
         self.last_delta: Optional[torch.Tensor] = None
         self._warned = False
         cfg = self.config
-        if cfg.adversarial and not cfg.random_start and cfg.step_size * cfg.pga_steps < cfg.epsilon:
+        pga = cfg.adversarial and cfg.perturbation == "pga"
+        if pga and not cfg.random_start and cfg.step_size * cfg.pga_steps < cfg.epsilon:
             logger.warning(
                 "AD2: K steps of size eta reach at most |delta| = %g < epsilon = %g; raise step_size (eta >= "
                 "epsilon / K) for the ball to matter",
@@ -224,7 +232,14 @@ class AD2Objective(nn.Module):
         inputs = model_inputs(batch, self._accepted)
         mask, labels = batch["attention_mask"], batch["labels"]
         need_h, need_a = cfg.needs_hidden_states, cfg.needs_attentions
-        fast = cfg.adversarial and cfg.fast_pga and not cfg.random_start and not self.zero3_partitioned
+        fast = (
+            cfg.adversarial
+            and cfg.fast_pga
+            and cfg.perturbation == "pga"
+            and not cfg.random_start
+            and not cfg.zero_delta
+            and not self.zero3_partitioned
+        )
 
         self._tap.capture = fast
         try:
@@ -245,7 +260,9 @@ class AD2Objective(nn.Module):
             total = total + self._add_deep(losses, self._deep_terms(out_s, t, mask, False), 1.0)
 
         if cfg.adversarial:
-            delta = self.perturbation(batch, t, inputs=inputs, clean_logits=out_s.logits, clean_emb=emb)
+            delta = self.perturbation(
+                batch, t, inputs=inputs, clean_logits=out_s.logits, clean_emb=emb, clean_ref=self._tap.reference
+            )
             deep_adv = bool(self.matches) and cfg.adversarial_deep_kd and (cfg.w_hidden > 0 or need_a)
             self._tap.delta, self._tap.measure = delta, True
             try:
@@ -256,30 +273,42 @@ class AD2Objective(nn.Module):
             total = total + cfg.alpha * losses["ada"]
             if deep_adv:
                 total = total + self._add_deep(losses, self._deep_terms(out_adv, t, mask, True), cfg.alpha)
-            norms = per_example_norm(delta)
-            losses["delta_norm_max"] = norms.max()
-            # share of δ's norm that survived rounding into the embedding dtype: ~0 means the adversarial
-            # sample is the clean one (e.g. ε=1e-5 in bf16) and ε should grow
-            applied = self._tap.applied
-            losses["delta_applied"] = (applied.sum() / norms.sum().clamp_min(1e-30)).clamp(max=1.0)
+            losses.update(self._delta_stats(delta, mask))
             self._warn_if_vanished(losses["delta_applied"], out_adv.logits.dtype)
 
         out = {k: v.detach() for k, v in losses.items()}
         out["loss"] = total
         return out
 
+    def _delta_stats(self, delta: torch.Tensor, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """delta_norm_max: largest per-example L2 norm; delta_relative: mean over tokens of ‖δ_t‖₂ / ‖e_t‖₂ (e: the
+        clean tensor at δ's place); delta_applied: share of δ's norm that survived rounding into the embedding dtype
+        (not clamped: > 1 means rounding added to it; ~0 means the adversarial sample is the clean one, e.g. ε=1e-5 in
+        bf16, and ε should grow); delta_cosine: cosine between the δ asked for and the δ applied."""
+        with torch.no_grad():
+            norms = per_example_norm(delta)
+            tokens = mask.to(torch.bool)
+            ratio = delta.norm(dim=-1) / self._tap.reference.float().norm(dim=-1).clamp_min(1e-30)
+            return {
+                "delta_norm_max": norms.max(),
+                "delta_relative": ratio[tokens].mean(),
+                "delta_applied": self._tap.applied.sum() / norms.sum().clamp_min(1e-30),
+                "delta_cosine": self._tap.applied_cosine,
+            }
+
     def _warn_if_vanished(self, applied: torch.Tensor, dtype) -> None:
-        if self._warned or self.config.epsilon == 0:
+        if self._warned or self.config.zero_delta:
             return
         ratio = float(applied)
         if ratio < 0.5:
             self._warned = True
             logger.warning(
-                "AD2: only %.0f%% of the perturbation (epsilon=%g) survives being added to the %s embedding output; "
+                "AD2: only %.0f%% of the perturbation (epsilon=%g, %s) survives being added to the %s embeddings; "
                 "the adversarial sample is nearly the clean one. Raise --epsilon and --step_size together (e.g. both "
-                ">= 1e-2 in bf16/fp16) or train in fp32.",
+                ">= 1e-2 in bf16/fp16), use --perturb_size relative, or train in fp32.",
                 100 * ratio,
                 self.config.epsilon,
+                self.config.perturbation,
                 dtype,
             )
 
@@ -303,12 +332,17 @@ class AD2Objective(nn.Module):
         inputs: Optional[Dict[str, torch.Tensor]] = None,
         clean_logits: Optional[torch.Tensor] = None,
         clean_emb: Optional[torch.Tensor] = None,
+        clean_ref: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """δ for this batch ([B, T, H_emb], fp32, detached), by K steps of projected gradient ascent.
+        """δ for this batch ([B, T, H_emb], fp32, detached) at the configured place: K steps of projected gradient
+        ascent (``pga``) or SMART's renormalised ascent (``smart``); zeros for the ε = 0 control; then random signs
+        for the ``random_direction`` control.
 
-        With ``clean_logits`` and the embedding output ``clean_emb`` of a retained clean forward, the first ascent
-        gradient comes from that graph (input grads only, no extra forward). Without them (naive path), or after the
-        first step, each step runs the student forward on the perturbed input.
+        With ``clean_logits`` and the tensor ``clean_emb`` at δ's place of a retained clean forward, the first pga
+        gradient comes from that graph (input grads only, no extra forward; exact for that forward's dropout sample).
+        Without them (naive path), or after the first step, each step runs the student forward on the perturbed input.
+        A relative radius (``perturb_size="relative"``) is measured on ``clean_ref``, the clean tensor at δ's place
+        (the tap's ``reference`` after the clean forward); without it a no-grad clean forward is run here.
         """
         cfg = self.config
         inputs = inputs if inputs is not None else model_inputs(batch, self._accepted)
@@ -330,19 +364,41 @@ class AD2Objective(nn.Module):
             shape = clean_emb.shape
         else:
             shape = self._embedding_shape(inputs)
-        delta = pga_perturbation(
-            loss_fn,
-            shape,
-            mask,
-            cfg.epsilon,
-            cfg.step_size,
-            cfg.pga_steps,
-            init_grad=init_grad,
-            random_init=cfg.random_start,
-            loss_scale=scale,
-        )
+        if cfg.zero_delta:
+            delta = torch.zeros(shape, dtype=torch.float32, device=mask.device)
+        elif cfg.perturbation == "smart":
+            # mt-dnn differentiates a KL summed over the batch: its η·∇ meets the noise at that scale
+            delta = smart_perturbation(
+                loss_fn, shape, mask, cfg.noise_var, cfg.step_size, cfg.pga_steps, cfg.perturb_norm,
+                loss_scale=float(shape[0]),
+            )  # fmt: skip
+        else:
+            delta = pga_perturbation(
+                loss_fn,
+                shape,
+                mask,
+                cfg.epsilon,
+                cfg.step_size,
+                cfg.pga_steps,
+                init_grad=init_grad,
+                random_init=cfg.random_start,
+                loss_scale=scale,
+                norm=cfg.perturb_norm,
+                scale=self._relative_scale(inputs, mask, clean_ref) if cfg.perturb_size == "relative" else None,
+            )
+        if cfg.random_direction:
+            delta = random_signs(delta)
         self.last_delta = delta
         return delta
+
+    def _relative_scale(self, inputs, mask, clean_ref: Optional[torch.Tensor]) -> torch.Tensor:
+        """The clean tensor's norm at δ's place over non-padding positions, per token ([B, T, 1]) or per example
+        ([B, 1, 1])."""
+        if clean_ref is None:
+            with torch.no_grad():
+                self._run(inputs, False, False)
+            clean_ref = self._tap.reference
+        return unit_norm(clean_ref.float() * mask.to(torch.float32).unsqueeze(-1), self.config.perturb_norm)
 
     def _embedding_shape(self, inputs) -> torch.Size:
         # ELECTRA-style models embed at embedding_size and project afterwards; δ lives at the embedding output.

@@ -47,6 +47,14 @@ METHODS = {
     "ad2-dkd-k2": (dict(method="ad2-dkd", pga_steps=2), "cached"),
     "ad2-dkd-k3": (dict(method="ad2-dkd", pga_steps=3), "cached"),
     "ad2-k1-fast": (dict(method="ad2", pga_steps=1), "cached"),
+    "ad2-dkd-eps0": (dict(method="ad2-dkd", epsilon=0.0), "cached"),
+    "ad2-dkd-random": (dict(method="ad2-dkd", epsilon=1.0, step_size=1.0, random_direction=True), "cached"),
+    "ad2-dkd-tokl2-rel": (
+        dict(method="ad2-dkd", perturb_norm="token-l2", perturb_size="relative", epsilon=0.05, step_size=0.05),
+        "cached",
+    ),
+    "ad2-dkd-preln": (dict(method="ad2-dkd", perturb_place="pre-ln", epsilon=1.0, step_size=1.0), "cached"),
+    "ad2-smart-dkd": (dict(method="ad2-smart", w_hidden=0.0, w_attention=0.0), "cached"),
     "kd-live": (dict(method="kd"), "live"),
     "ad2-dkd-k1-fast-live": (dict(method="ad2-dkd", pga_steps=1), "live"),
 }

