@@ -37,6 +37,7 @@ from .modeling import (
 )
 from .perturb import per_example_norm, pga_perturbation
 from .teachers.base import TEACHER_PREFIX, TeacherOutput
+from .teachers.decoder import pooled_state, pools_last_token
 
 logger = logging.getLogger(__name__)
 _FP16_ASCENT_SCALE = 1024.0  # keeps fp16 input gradients from underflowing; the step is normalised anyway
@@ -77,6 +78,7 @@ class AD2Objective(nn.Module):
         self.matches: Optional[List[MatchSpec]] = None
         self.projections = nn.ModuleDict()
         self._hidden_t = None
+        self._pool_last_t = False  # the teacher's sentence state: [CLS] (first token) or, for decoders, the last
         if teacher_config is not None:
             if teacher_config.num_labels != self._n_labels_s:
                 raise ValueError(
@@ -84,6 +86,7 @@ class AD2Objective(nn.Module):
                     "they must predict the same label set"
                 )
             self._hidden_t = teacher_config.hidden_size
+            self._pool_last_t = pools_last_token(teacher_config)
             self._build_matches(num_layers(teacher_config))
 
     @property
@@ -129,10 +132,11 @@ class AD2Objective(nn.Module):
         if t.logits.shape[-1] != self._n_labels_s:
             raise ValueError(f"teacher logits have {t.logits.shape[-1]} labels but the student has {self._n_labels_s}")
         deep = cfg.deep_kd or cfg.w_pkd > 0
-        if deep and TEACHER_PREFIX + "input_ids" in batch:
+        if cfg.deep_kd and TEACHER_PREFIX + "input_ids" in batch:
             raise ValueError(
-                "deep KD / PKD compare token positions, so teacher and student must share a tokenizer; "
-                "use method 'kd', 'ad2-dkd' (logits only) with different tokenizers"
+                "deep KD compares token positions, so teacher and student must share a tokenizer; use method 'kd', "
+                "'ad2-dkd' (logits only) or 'pkd' (pooled states through a learned projection) with different "
+                "tokenizers"
             )
         if cfg.needs_hidden_states and t.hidden_states is None:
             raise ValueError("deep KD asked but the teacher gave no hidden states: build it with output_hidden_states")
@@ -149,8 +153,10 @@ class AD2Objective(nn.Module):
             return hard_loss(logits_s, labels)
         return kd_loss(logits_s, t.logits, self.config.temperature)
 
-    def _deep_terms(self, out_s, t: TeacherOutput, mask, adversarial: bool) -> Dict[str, torch.Tensor]:
-        """Unweighted deep-KD terms keyed by MatchSpec.key (``hidden/3-6``), prefixed ``ada_`` when adversarial."""
+    def _deep_terms(self, out_s, t: TeacherOutput, mask, adversarial: bool, mask_t=None) -> Dict[str, torch.Tensor]:
+        """Unweighted deep-KD terms keyed by MatchSpec.key (``hidden/3-6``), prefixed ``ada_`` when adversarial.
+        PKD's pooled terms ("cls") compare the student's [CLS] state with the state the teacher's classifier pools
+        (its [CLS], or a decoder's last real token under ``mask_t``), so they work across tokenizers too."""
         terms = {}
         for spec in self.matches:
             if adversarial and spec.feature == "cls":
@@ -163,14 +169,15 @@ class AD2Objective(nn.Module):
             else:
                 h_s, h_t = out_s.hidden_states[spec.layer_s], _layer(t.hidden_states, spec.layer_t, "hidden_states")
                 h_s = self._project(spec.layer_s, h_s, h_t)
-                if h_s.shape[1] != h_t.shape[1]:
-                    raise ValueError(
-                        f"student sequence length {h_s.shape[1]} differs from the teacher's {h_t.shape[1]}: "
-                        "deep KD needs aligned tokens"
-                    )
                 if spec.feature == "cls":
-                    value = fn(h_s[:, 0], h_t[:, 0].to(h_s.device))
+                    pooled_t = pooled_state(h_t, mask_t, self._pool_last_t)
+                    value = fn(h_s[:, 0], pooled_t.to(h_s.device))
                 else:
+                    if h_s.shape[1] != h_t.shape[1]:
+                        raise ValueError(
+                            f"student sequence length {h_s.shape[1]} differs from the teacher's {h_t.shape[1]}: "
+                            "deep KD needs aligned tokens"
+                        )
                     value = fn(h_s, h_t.to(h_s.device), mask)
             terms[("ada_" if adversarial else "") + spec.key] = value
         return terms
@@ -223,7 +230,8 @@ class AD2Objective(nn.Module):
             losses["kd"] = kd_loss(out_s.logits, t.logits, cfg.temperature)
             total = total + cfg.w_kd * losses["kd"]
         if self.matches:
-            total = total + self._add_deep(losses, self._deep_terms(out_s, t, mask, False), 1.0)
+            mask_t = batch.get(TEACHER_PREFIX + "attention_mask", mask)
+            total = total + self._add_deep(losses, self._deep_terms(out_s, t, mask, False, mask_t), 1.0)
 
         if cfg.adversarial:
             delta = self.perturbation(batch, t, inputs=inputs, clean_logits=out_s.logits, clean_emb=emb)

@@ -314,6 +314,7 @@ def distill(args, task, cfg, ds_config, teacher_path, splits, setup_seconds) -> 
     from ad2_ds.data.glue import DataCollator, tokenize_dataset
     from ad2_ds.dsconfig import resolve_scheduler_steps, single_rank_config, skip_single_rank_allreduce
     from ad2_ds.modeling import count_parameters, measure_latency, save_pretrained_atomic, student_from_teacher
+    from ad2_ds.teachers.decoder import is_decoder_classifier, prepare_decoder_teacher
     from ad2_ds.trainer import TrainConfig, epoch_batches, evaluate, train
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -330,6 +331,8 @@ def distill(args, task, cfg, ds_config, teacher_path, splits, setup_seconds) -> 
         teacher_path = resolve_model(teacher_path)
         teacher_model = load_classifier(teacher_path, task.num_labels, eager, args.trust_remote_code, "teacher").eval()
         tok_t = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=args.trust_remote_code)
+        if is_decoder_classifier(teacher_model):  # right padding and a pad id the model pools by
+            prepare_decoder_teacher(tok_t, teacher_model.config)
     if layout is not None:
         if layout.role == "teacher":
             return serve_hosted_teacher(args, cfg, teacher_model, layout)
@@ -344,10 +347,11 @@ def distill(args, task, cfg, ds_config, teacher_path, splits, setup_seconds) -> 
     student.train()
     two_tokenizers = tok_t is not None and tok_t.get_vocab() != tok_s.get_vocab()
 
-    if two_tokenizers and (cfg.deep_kd or cfg.w_pkd > 0):
+    if two_tokenizers and cfg.deep_kd:
         raise UsageError(
             f"method {cfg.method} compares hidden states token by token, but the teacher and student tokenizers "
-            "differ: use --method kd or ad2-dkd (logits only), or a student built from the teacher (--student_layers)"
+            "differ: use --method kd or ad2-dkd (logits only), pkd (pooled states through a learned projection), or "
+            "a student built from the teacher (--student_layers)"
         )
     max_positions = min(
         getattr(m.config, "max_position_embeddings", 10**9) for m in (teacher_model, student) if m is not None
@@ -577,11 +581,15 @@ def build_teacher(args, cfg, teacher_model, teacher_path, tok_t, train_ds, colla
             "the teacher cache stores logits and hidden states, not attention maps: "
             "drop --teacher_cache or pass --w_attention 0"
         )
-    if args.teacher_tp_size > 1:
-        live = T.DeepSpeedTeacher(
-            teacher_model,
+    if args.teacher_tp_size > 1:  # each rank loads only its own shards of the teacher's safetensors
+        live = T.DeepSpeedTeacher.from_pretrained(
+            teacher_path,
             tp_size=args.teacher_tp_size,
             dtype=dtype,
+            num_labels=teacher_model.config.num_labels,
+            attn_implementation=getattr(teacher_model.config, "_attn_implementation", None),
+            trust_remote_code=args.trust_remote_code,
+            pad_token_id=tok_t.pad_token_id,
             output_hidden_states=want_hidden,
             output_attentions=cfg.needs_attentions,
         )

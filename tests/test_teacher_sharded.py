@@ -11,27 +11,7 @@ from ad2_ds.teachers import sharded
 from ad2_ds.teachers.local import LocalTeacher
 from ad2_ds.testing import launch
 
-from conftest import random_batch, tiny_bert
-
-DECODER_SIZES = dict(
-    vocab_size=80,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,  # grouped-query attention: 2 query heads per key/value head
-    intermediate_size=64,
-    max_position_embeddings=64,
-    num_labels=3,
-)
-
-
-def tiny_decoder(arch, seed=0, pad_token_id=1, **kw):
-    import transformers
-
-    config = getattr(transformers, f"{arch}Config")(**{**DECODER_SIZES, **kw}, pad_token_id=pad_token_id)
-    torch.manual_seed(seed)
-    return getattr(transformers, f"{arch}ForSequenceClassification")(config).eval()
-
+from conftest import decoder_tokenizer, random_batch, tiny_bert, tiny_decoder
 
 def tiny_mpnet(seed=0):
     from transformers import MPNetConfig, MPNetForSequenceClassification
@@ -192,7 +172,7 @@ def test_decoder_teacher_pools_the_last_real_token_of_right_padded_rows(arch):
 def test_prepare_decoder_teacher_sets_right_padding_and_a_pad_id():
     from ad2_ds.teachers.decoder import prepare_decoder_teacher
 
-    tok = _decoder_tokenizer(padding_side="left")
+    tok = decoder_tokenizer(padding_side="left")
     config = tiny_decoder("Llama", pad_token_id=None).config
     assert config.pad_token_id is None and tok.pad_token_id is None
     pad = prepare_decoder_teacher(tok, config)
@@ -202,21 +182,6 @@ def test_prepare_decoder_teacher_sets_right_padding_and_a_pad_id():
     config.pad_token_id = pad + 1
     with pytest.raises(ValueError, match="must agree"):
         prepare_decoder_teacher(tok, config)
-
-
-def _decoder_tokenizer(padding_side="right"):
-    """A Llama-like word-level tokenizer: no pad token, an eos appended to every text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    from conftest import WORDS
-
-    vocab = {"<unk>": 0, "</s>": 1, "<s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A $B </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="</s>", bos_token="<s>",
-                                   padding_side=padding_side)  # fmt: skip
 
 
 def _decoder_without_pad(rank, world_size):
@@ -265,3 +230,17 @@ def test_a_parameter_outside_loadable_modules_blocks_the_sharded_path():
     with torch.device("meta"):
         m = torch.nn.Linear(2, 2)
     assert sharded.meta_tensors(m) == ["weight", "bias"]
+
+
+def test_pooled_state_is_cls_for_encoders_and_the_last_real_token_for_decoders():
+    from ad2_ds.teachers.decoder import pooled_state, pools_last_token
+
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    assert torch.equal(pooled_state(hidden, mask, last=False), hidden[:, 0])
+    assert torch.equal(pooled_state(hidden, mask, last=True), torch.stack([hidden[0, 2], hidden[1, 3]]))
+    qwen = tiny_decoder("Qwen2").config
+    qwen.architectures = ["Qwen2ForSequenceClassification"]
+    bert = tiny_bert().config
+    bert.architectures = ["BertForSequenceClassification"]
+    assert pools_last_token(qwen) and not pools_last_token(bert)

@@ -61,3 +61,26 @@ def check_decoder_padding(attention_mask: Optional[torch.Tensor]) -> None:
             "decoder teacher: a left-padded batch (attention_mask starts with 0); decoder classifiers need right "
             "padding (prepare_decoder_teacher(tokenizer) sets it)"
         )
+
+
+def pools_last_token(config) -> bool:
+    """True when the classifier ``config`` describes (its ``architectures``) pools the last real token (decoder
+    classifiers) rather than the first ([CLS]-style encoders)."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, name, None)
+        if cls is not None and is_decoder_classifier(cls):
+            return True
+    return False
+
+
+def pooled_state(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor], last: bool) -> torch.Tensor:
+    """The sentence state a classifier pools from ``hidden`` [B, T, H]: position 0, or (``last``) each row's last
+    real token under a right-padded ``attention_mask`` [B, T]. Returns [B, H]."""
+    if not last:
+        return hidden[:, 0]
+    if attention_mask is None:
+        return hidden[:, -1]
+    pos = attention_mask.to(hidden.device).long().sum(1).clamp_min(1) - 1
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
