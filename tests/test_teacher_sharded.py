@@ -13,6 +13,7 @@ from ad2_ds.testing import launch
 
 from conftest import decoder_tokenizer, random_batch, tiny_bert, tiny_decoder
 
+
 def tiny_mpnet(seed=0):
     from transformers import MPNetConfig, MPNetForSequenceClassification
 
@@ -61,11 +62,15 @@ def save_split(model, path):
 
 
 def _from_pretrained_vs_unsharded(rank, world_size, path, tp_size, dtype, kind):
-    from ad2_ds.teachers.ds_inference import DeepSpeedTeacher
     from transformers import AutoModelForSequenceClassification
 
+    from ad2_ds.teachers.ds_inference import DeepSpeedTeacher
+
     dist.init_distributed()
-    batch = decoder_batch(rank) if kind == "decoder" else random_batch(batch_size=3 + rank, seq_len=7 + rank, seed=rank)
+    if kind == "decoder":
+        batch = decoder_batch(rank)
+    else:
+        batch = random_batch(batch_size=3 + rank, seq_len=7 + rank, seed=rank)
     whole = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager").eval()
     ref = LocalTeacher(whole, output_hidden_states=True)(batch)  # unsharded, fp32
     tp = DeepSpeedTeacher.from_pretrained(path, tp_size=tp_size, dtype=dtype, output_hidden_states=True,
@@ -114,7 +119,7 @@ def test_sharded_load_at_tp4_and_tp2_of_four_ranks(tmp_path):
     for tp_size in (4, 2):
         results = launch(_from_pretrained_vs_unsharded, 4, args=(str(path), tp_size, torch.float32, "enc"),
                          timeout_s=240)  # fmt: skip
-        for ref, out, same, rows in results:
+        for ref, out, _, rows in results:
             assert rows == [32 // tp_size] * 2  # this rank's heads of each layer's query
             torch.testing.assert_close(out.logits, ref.logits, atol=2e-6, rtol=1e-5)
             torch.testing.assert_close(out.hidden_states[-1], ref.hidden_states[-1], atol=2e-6, rtol=1e-5)
@@ -151,7 +156,7 @@ def _decoder_padding(rank, world_size, arch):
     for b in range(3):  # each rank of a TP group must call the teacher as often as the others: 3 calls on both
         b = min(b, rows - 1)
         n = int(batch["attention_mask"][b].sum())
-        row = {"input_ids": batch["input_ids"][b : b + 1, :n], "attention_mask": batch["attention_mask"][b : b + 1, :n]}
+        row = {k: batch[k][b : b + 1, :n] for k in ("input_ids", "attention_mask")}
         alone.append(tp(row).logits)
     left = {k: v.flip(1) if k != "idx" else v for k, v in batch.items()}
     try:

@@ -4,9 +4,9 @@
     prepare_decoder_teacher(tok_t, teacher_config)   # right padding, a pad token, the same pad id in the config
     teacher = DeepSpeedTeacher.from_pretrained(path, tp_size=2, pad_token_id=tok_t.pad_token_id)
 
-A decoder classifier scores the last token that is not the pad token (transformers' ``GenericForSequenceClassification``
-takes the rightmost position whose id differs from ``config.pad_token_id``). Two things must hold for a padded batch to
-give each example the logits it gets alone:
+A decoder classifier scores the last token that is not the pad token (transformers'
+``GenericForSequenceClassification`` takes the rightmost position whose id differs from ``config.pad_token_id``). Two
+things must hold for a padded batch to give each example the logits it gets alone:
 
 - **right padding.** With causal attention a real token never sees a pad to its right, and position ids start at 0 for
   every row. Left padding shifts the positions of a shorter row (these models take positions from the cache, not from

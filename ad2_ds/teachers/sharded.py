@@ -50,7 +50,7 @@ def checkpoint_files(path) -> List[Tuple[str, List[str]]]:
             by_file[file].append(key)
         missing = [f for f in by_file if not (path / f).is_file()]
         if missing:
-            raise FileNotFoundError(f"sharded teacher load: {path / SAFE_INDEX} names files that are missing: {missing}")
+            raise FileNotFoundError(f"sharded teacher load: {path / SAFE_INDEX} names missing files: {missing}")
         return sorted((f, sorted(keys)) for f, keys in by_file.items())
     if (path / SAFE_SINGLE).is_file():
         with safe_open(str(path / SAFE_SINGLE), framework="pt") as f:
@@ -95,7 +95,7 @@ def sharded_load_blocker(model: nn.Module) -> Optional[str]:
         own = [n for n, _ in module.named_parameters(recurse=False)]
         if own:
             where = f"{mod_name}.{own[0]}" if mod_name else own[0]
-            return f"parameter {where} is held by a {type(module).__name__}, which DeepSpeed's shard loader does not fill"
+            return f"parameter {where} is held by a {type(module).__name__}, which DeepSpeed's loader does not fill"
     return None
 
 
