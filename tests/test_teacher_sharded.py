@@ -249,3 +249,22 @@ def test_pooled_state_is_cls_for_encoders_and_the_last_real_token_for_decoders()
     bert = tiny_bert().config
     bert.architectures = ["BertForSequenceClassification"]
     assert pools_last_token(qwen) and not pools_last_token(bert)
+
+
+def _deberta_tp2(rank, world_size):
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    from ad2_ds.teachers import DeepSpeedTeacher
+
+    dist.init_distributed()
+    cfg = DebertaV2Config(vocab_size=80, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64)  # fmt: skip
+    try:
+        DeepSpeedTeacher(DebertaV2ForSequenceClassification(cfg), tp_size=2)
+    except ValueError as e:
+        return str(e)
+    return "built"
+
+
+def test_deberta_v2_whose_autotp_sharding_differs_is_refused_at_tp2():
+    assert all("tp_size=1" in m and "does not match" in m for m in launch(_deberta_tp2, 2, timeout_s=120))

@@ -38,6 +38,12 @@ from .base import Teacher, TeacherOutput
 from .decoder import check_decoder_padding, is_decoder_classifier
 from .local import check_attn_implementation, freeze, model_inputs
 
+# Model types whose AutoTP sharding was measured to differ from the unsharded model (issue 14, docs/RESULTS.md)
+UNSHARDABLE = {
+    "deberta-v2": "a tiny random DeBERTa-v2 at tp_size=2 differs by 3e-3 in its last hidden state in fp32, whether "
+    "loaded shard by shard or sharded whole",
+}
+
 
 class _TPGroup:
     """The model-parallel unit DeepSpeed's InferenceEngine accepts (``tensor_parallel.mpu``): with it, the engine uses
@@ -153,6 +159,11 @@ class DeepSpeedTeacher(Teacher):
             raise ValueError(
                 f"DeepSpeedTeacher: tp_size={tp_size} must divide the teacher's {kv_heads} key/value heads "
                 "(grouped-query attention: AutoTP shards whole key/value heads)"
+            )
+        if tp_size > 1 and getattr(model.config, "model_type", None) in UNSHARDABLE:
+            raise ValueError(
+                f"DeepSpeedTeacher: {type(model).__name__} under AutoTP does not match the unsharded model "
+                f"({UNSHARDABLE[model.config.model_type]}); run this teacher with tp_size=1 (--teacher_tp_size 1)"
             )
         if is_decoder_classifier(model) and getattr(model.config, "pad_token_id", None) is None:
             raise ValueError(
