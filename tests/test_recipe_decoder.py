@@ -40,8 +40,9 @@ def decoder_dirs(tmp_path_factory):
 
 def _recipe_rank(rank, world_size, argv):
     """The recipe's exit code and every path a whole model was loaded from on this rank."""
-    import distill_glue
     from transformers import AutoModelForSequenceClassification
+
+    import distill_glue
 
     loaded, whole = [], AutoModelForSequenceClassification.from_pretrained.__func__
 
