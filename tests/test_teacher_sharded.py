@@ -268,3 +268,32 @@ def _deberta_tp2(rank, world_size):
 
 def test_deberta_v2_whose_autotp_sharding_differs_is_refused_at_tp2():
     assert all("tp_size=1" in m and "does not match" in m for m in launch(_deberta_tp2, 2, timeout_s=120))
+
+
+def _factory_live_teacher(rank, world_size, path):
+    import numpy as np
+    from transformers import AutoModelForSequenceClassification
+
+    from ad2_ds.modeling import accepted_inputs, model_inputs
+    from ad2_ds.teachers.factory import TeacherModel, TeacherNeeds, TeacherSource, live_teacher
+    from ad2_ds.trainer import predict
+
+    dist.init_distributed()
+    live = live_teacher(None, TeacherNeeds(), "fp32", tp_size=2, source=TeacherSource(str(path), num_labels=3))
+    rows = [{k: v[i] for k, v in random_batch(batch_size=7, seq_len=9, seed=5).items()} for i in range(7)]
+
+    def collate(examples):
+        return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
+
+    whole = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    # predict() gives each rank different rows (r, r + 2, ...): the TP teacher must gather them, not mix them
+    got = predict(TeacherModel(live, whole.config), rows, collate, batch_size=2)
+    with torch.no_grad():
+        ref = whole(**model_inputs(collate(rows), accepted_inputs(whole))).logits.numpy()
+    return live.loaded, type(live).__name__, bool(np.allclose(got, ref, atol=2e-6, rtol=1e-5))
+
+
+def test_live_teacher_loads_a_tp_teacher_from_its_source_and_evaluates_it_like_a_model(tmp_path):
+    path = save_split(tiny_bert(num_labels=3), tmp_path / "bert")
+    for loaded, kind, equal in launch(_factory_live_teacher, 2, args=(str(path),), timeout_s=180):
+        assert (loaded, kind, equal) == ("shards", "DeepSpeedTeacher", True)
