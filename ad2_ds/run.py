@@ -203,6 +203,13 @@ def check_run(config: RunConfig, world_size: int) -> dict:
         check_ds_config(ds_config, "the DeepSpeed config", student_world, torch.cuda.is_available())
     else:
         ds_config = load_ds_config(config.deepspeed, student_world)
+    if (config.teacher_tp_size > 1 or len(ranks) > 1) and config.teacher and os.path.isdir(config.teacher):
+        from .teachers.sharded import checkpoint_files
+
+        try:  # a tensor-parallel teacher loads shard by shard from safetensors (reads the file headers only)
+            checkpoint_files(config.teacher)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError("teacher", f"{config.teacher}: {e}") from None
     if config.teacher_dtype == "fp16" and not torch.cuda.is_available():
         raise ConfigError("teacher_dtype", "fp16 needs a GPU; on CPU use bf16")
     data = config.data
