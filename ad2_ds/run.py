@@ -430,7 +430,7 @@ def _distill(config, task, ds_config, teacher_path, splits, setup_seconds, callb
         "world_size": world_size,
         "teacher_ranks": list(config.teacher_ranks),
         "teacher": teacher_path,
-        "teacher_load": getattr(live, "loaded", None) or ("whole" if models.teacher is not None else None),
+        "teacher_load": _teacher_load(live, models, layout),
         "student_init": config.student or config.student_layers,
         "train_examples": len(train_ds),  # with augment_copies N: (N + 1) x the originals
         **_state_results(state),
@@ -596,6 +596,16 @@ def _measure_sharded_teacher(models: _Models, live, dev_sets, collator, task, gr
         teacher_params=count_parameters(empty_classifier(src.path, src.num_labels, src.trust_remote_code)),
         teacher_latency_ms=measure_latency(model, teacher_dev, t_collator),
     )
+
+
+def _teacher_load(live, models: _Models, layout) -> Optional[str]:
+    """How the run's teacher was loaded: "shards" (each rank read only its own from the checkpoint), "whole", "hosted"
+    (on the teacher ranks: shard by shard when several), None without a teacher."""
+    if layout is not None:
+        return "hosted"
+    if live is not None:
+        return live.loaded
+    return "whole" if models.teacher is not None else None
 
 
 def _cache_data(config, models: _Models, train_ds, collator, teacher_path):
