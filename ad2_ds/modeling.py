@@ -257,7 +257,8 @@ def measure_latency(model: nn.Module, dev_sets, collator, batch_size: int = 32, 
 
     ds = next(iter(dev_sets.values()))
     batch = collator([ds[i] for i in range(min(batch_size, len(ds)))])
-    device = next(model.parameters()).device
+    param = next(model.parameters(), None)  # a model without parameters of its own (a TP teacher) names its device
+    device = param.device if param is not None else getattr(model, "device", torch.device("cpu"))
     inputs = {k: v.to(device) for k, v in model_inputs(batch, accepted_inputs(model)).items()}
     was_training = model.training
     model.eval()

@@ -45,6 +45,7 @@ from .modeling import (
 from .patches import engine_pre_forward
 from .perturb import per_example_norm, pga_perturbation, random_signs, smart_perturbation, unit_norm
 from .teachers.base import TEACHER_PREFIX, TeacherOutput
+from .teachers.decoder import pooled_state, pools_last_token
 from .teachers.factory import TeacherNeeds
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class AD2Objective(nn.Module):
         self.matches: Optional[List[MatchSpec]] = None
         self.projections = nn.ModuleDict()
         self._hidden_t = None
+        self._pool_last_t = False  # the teacher's sentence state: [CLS] (first token) or, for decoders, the last
         if teacher_config is not None:
             if teacher_config.num_labels != self._n_labels_s:
                 raise ValueError(
@@ -94,6 +96,7 @@ class AD2Objective(nn.Module):
                     "they must predict the same label set"
                 )
             self._hidden_t = teacher_config.hidden_size
+            self._pool_last_t = pools_last_token(teacher_config)
             self._build_matches(num_layers(teacher_config))
 
     @property
@@ -158,10 +161,11 @@ class AD2Objective(nn.Module):
         if t.logits.shape[-1] != self._n_labels_s:
             raise ValueError(f"teacher logits have {t.logits.shape[-1]} labels but the student has {self._n_labels_s}")
         deep = cfg.deep_kd or cfg.w_pkd > 0
-        if deep and TEACHER_PREFIX + "input_ids" in batch:
+        if cfg.deep_kd and TEACHER_PREFIX + "input_ids" in batch:
             raise ValueError(
-                "deep KD / PKD compare token positions, so teacher and student must share a tokenizer; "
-                "use method 'kd', 'ad2-dkd' (logits only) with different tokenizers"
+                "deep KD compares token positions, so teacher and student must share a tokenizer; use method 'kd', "
+                "'ad2-dkd' (logits only) or 'pkd' (pooled states through a learned projection) with different "
+                "tokenizers"
             )
         if cfg.needs_hidden_states and t.hidden_states is None:
             raise ValueError("deep KD asked but the teacher gave no hidden states: build it with output_hidden_states")
@@ -178,9 +182,12 @@ class AD2Objective(nn.Module):
             return hard_loss(logits_s, labels)
         return kd_loss(logits_s, t.logits, self.config.temperature)
 
-    def _deep_terms(self, out_s, t: TeacherOutput, mask, adversarial: bool) -> Dict[str, torch.Tensor]:
+    def _deep_terms(self, out_s, t: TeacherOutput, mask, adversarial: bool, mask_t=None) -> Dict[str, torch.Tensor]:
         """Unweighted deep-KD terms keyed by MatchSpec.key (``hidden/3-6``), prefixed ``ada_`` when adversarial.
-        Each match's feature (:data:`ad2_ds.matching.FEATURES`) says what is compared, its loss (``LOSSES``) how."""
+        Each match's feature (:data:`ad2_ds.matching.FEATURES`) says what is compared, its loss (``LOSSES``) how.
+        PKD's pooled terms ("cls") compare the student's [CLS] state with the state the teacher's classifier pools
+        (its [CLS], or a decoder's last real token under ``mask_t``), so they work across tokenizers too; the other
+        token-by-token features need aligned tokens."""
         terms = {}
         for spec in self.matches:
             feature = FEATURES[spec.feature]
@@ -192,12 +199,15 @@ class AD2Objective(nn.Module):
             else:
                 x_s, x_t = out_s.hidden_states[spec.layer_s], _layer(t.hidden_states, spec.layer_t, "hidden_states")
                 x_s = self._project(spec.layer_s, x_s, x_t)
-                if x_s.shape[1] != x_t.shape[1]:
+                if x_s.shape[1] != x_t.shape[1] and spec.feature != "cls":
                     raise ValueError(
                         f"student sequence length {x_s.shape[1]} differs from the teacher's {x_t.shape[1]}: "
                         "deep KD needs aligned tokens"
                     )
-            x_s, x_t = feature.select(x_s), feature.select(x_t).to(x_s.device)
+            if spec.feature == "cls":  # the teacher's pooled token: [CLS], or a decoder's last real token
+                x_s, x_t = feature.select(x_s), pooled_state(x_t, mask_t, self._pool_last_t).to(x_s.device)
+            else:
+                x_s, x_t = feature.select(x_s), feature.select(x_t).to(x_s.device)
             fn = LOSSES[spec.loss]
             terms[("ada_" if adversarial else "") + spec.key] = fn(x_s, x_t, mask) if feature.masked else fn(x_s, x_t)
         return terms
@@ -257,7 +267,8 @@ class AD2Objective(nn.Module):
             losses["kd"] = kd_loss(out_s.logits, t.logits, cfg.temperature)
             total = total + cfg.w_kd * losses["kd"]
         if self.matches:
-            total = total + self._add_deep(losses, self._deep_terms(out_s, t, mask, False), 1.0)
+            mask_t = batch.get(TEACHER_PREFIX + "attention_mask", mask)
+            total = total + self._add_deep(losses, self._deep_terms(out_s, t, mask, False, mask_t), 1.0)
 
         if cfg.adversarial:
             delta = self.perturbation(

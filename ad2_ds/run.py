@@ -203,6 +203,13 @@ def check_run(config: RunConfig, world_size: int) -> dict:
         check_ds_config(ds_config, "the DeepSpeed config", student_world, torch.cuda.is_available())
     else:
         ds_config = load_ds_config(config.deepspeed, student_world)
+    if (config.teacher_tp_size > 1 or len(ranks) > 1) and config.teacher and os.path.isdir(config.teacher):
+        from .teachers.sharded import checkpoint_files
+
+        try:  # a tensor-parallel teacher loads shard by shard from safetensors (reads the file headers only)
+            checkpoint_files(config.teacher)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError("teacher", f"{config.teacher}: {e}") from None
     if config.teacher_dtype == "fp16" and not torch.cuda.is_available():
         raise ConfigError("teacher_dtype", "fp16 needs a GPU; on CPU use bf16")
     data = config.data
@@ -273,10 +280,9 @@ def load_data(data: DataConfig, rank_zero_first: bool = True):
     return task, splits
 
 
-def load_classifier(path, num_labels, eager, trust_remote_code, role):
-    """A sequence classifier for the task. A teacher must already have a trained head of the task's size; a student
-    may start from a base checkpoint (a new head is made)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+def classifier_config(path, num_labels, trust_remote_code, role):
+    """The checkpoint's config, checked for the task (see :func:`load_classifier`); reads no weights."""
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
@@ -287,6 +293,15 @@ def load_classifier(path, num_labels, eager, trust_remote_code, role):
             f"teacher {path} has no fine-tuned classification head: fine-tune it first "
             "(recipes/finetune_teacher.py --model ...) and pass its best/ folder"
         )
+    return config
+
+
+def load_classifier(path, num_labels, eager, trust_remote_code, role):
+    """A sequence classifier for the task. A teacher must already have a trained head of the task's size; a student
+    may start from a base checkpoint (a new head is made)."""
+    from transformers import AutoModelForSequenceClassification
+
+    classifier_config(path, num_labels, trust_remote_code, role)
     kwargs = {"attn_implementation": "eager"} if eager else {}
     return AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=num_labels, trust_remote_code=trust_remote_code, **kwargs
@@ -315,12 +330,16 @@ def run_distillation(config: RunConfig, callbacks: Sequence = ()) -> Optional[di
 
 @dataclass
 class _Models:
-    """The run's models and tokenizers (the teacher's are None for a method without one)."""
+    """The run's models and tokenizers (the teacher's are None for a method without one). A tensor-parallel teacher
+    is never built whole here: ``teacher`` is then None, ``teacher_config`` its config and ``source`` where
+    :func:`ad2_ds.teachers.factory.live_teacher` loads its shards from."""
 
     teacher: object
     tok_t: object
     student: object
     tok_s: object
+    teacher_config: object = None
+    source: object = None
 
     @property
     def two_tokenizers(self) -> bool:
@@ -333,7 +352,7 @@ def _distill(config, task, ds_config, teacher_path, splits, setup_seconds, callb
 
     from .engine import build_engine
     from .objective import AD2Objective
-    from .teachers.factory import TeacherNeeds, TeacherPlacement, build_teacher, serve_hosted_teacher
+    from .teachers.factory import TeacherNeeds, TeacherPlacement, build_teacher, live_teacher, serve_hosted_teacher
     from .trainer import train
 
     cfg = config.objective
@@ -346,9 +365,9 @@ def _distill(config, task, ds_config, teacher_path, splits, setup_seconds, callb
     placement = TeacherPlacement(config.teacher_tp_size, config.teacher_dtype, config.teacher_cache, layout)
     set_seed(config.seed)
     if layout is not None and layout.role == "teacher":
-        teacher_model = _load_teacher(config, task, teacher_path)[0]
+        teacher_model, _, _, source = _load_teacher(config, task, teacher_path, len(config.teacher_ranks) > 1)
         needs = TeacherNeeds(() if cfg.needs_hidden_states else None, cfg.needs_attentions)
-        stats = serve_hosted_teacher(teacher_model, needs, placement)
+        stats = serve_hosted_teacher(teacher_model, needs, placement, source)
         secs = stats["teacher_seconds"]
         logger.info("teacher rank %d served %s requests in %.1f s", dist.get_rank(), stats["requests"], secs)
         return None
@@ -362,16 +381,23 @@ def _distill(config, task, ds_config, teacher_path, splits, setup_seconds, callb
     clock = time.perf_counter()
     report = _measure(models, dev_sets, collator, task, group)  # before DeepSpeed shards anything
     setup_seconds["evaluate_teacher_and_latency"], clock = time.perf_counter() - clock, time.perf_counter()
-    teacher_config = models.teacher.config if cfg.needs_teacher else None
+    teacher_config = models.teacher_config if cfg.needs_teacher else None
     objective = AD2Objective(models.student, cfg, teacher_config=teacher_config)
     engine, ds_config = build_engine(
         objective, ds_config, len(train_ds), config.num_train_epochs, layout, config.keep_zero_stage
     )
     setup_seconds["objective_and_engine"], clock = time.perf_counter() - clock, time.perf_counter()
-    teacher = None
+    teacher = live = None
     if cfg.needs_teacher:
+        needs = objective.teacher_needs()
+        if models.source is not None and layout is None:  # tensor-parallel, loaded shard by shard
+            live = live_teacher(None, needs, placement.dtype, placement.tp_size, source=models.source)
+            setup_seconds["teacher_load"], clock = time.perf_counter() - clock, time.perf_counter()
+            report.update(_measure_sharded_teacher(models, live, dev_sets, collator, task, group))
+            setup_seconds["evaluate_teacher_and_latency"] += time.perf_counter() - clock
+            clock = time.perf_counter()
         cache_data = _cache_data(config, models, train_ds, collator, teacher_path)
-        teacher = build_teacher(models.teacher, objective.teacher_needs(), placement, task.num_labels, cache_data)
+        teacher = build_teacher(models.teacher, needs, placement, task.num_labels, cache_data, live=live)
     setup_seconds["teacher"] = time.perf_counter() - clock  # includes building the teacher cache when there is one
 
     out = _prepare_output_dir(config, rank, group)
@@ -404,6 +430,7 @@ def _distill(config, task, ds_config, teacher_path, splits, setup_seconds, callb
         "world_size": world_size,
         "teacher_ranks": list(config.teacher_ranks),
         "teacher": teacher_path,
+        "teacher_load": _teacher_load(live, models, layout),
         "student_init": config.student or config.student_layers,
         "train_examples": len(train_ds),  # with augment_copies N: (N + 1) x the originals
         **_state_results(state),
@@ -424,41 +451,66 @@ def _distill(config, task, ds_config, teacher_path, splits, setup_seconds, callb
     return results
 
 
-def _load_teacher(config, task, teacher_path):
-    """(teacher model in eval mode, its tokenizer), or (None, None) without a teacher path."""
+def _load_teacher(config, task, teacher_path, sharded: bool = False):
+    """(teacher model in eval mode, its tokenizer, its config, its TeacherSource), all None without a teacher path.
+    sharded: a tensor-parallel teacher that loads its own shards later (:func:`ad2_ds.teachers.factory.live_teacher`),
+    so only its config and tokenizer are read here: the model is None and the TeacherSource says where it loads from.
+    A decoder classifier's tokenizer is set to pad on the right with a pad id its config knows
+    (:func:`ad2_ds.teachers.decoder.prepare_decoder_teacher`)."""
     if teacher_path is None:
-        return None, None
+        return None, None, None, None
     from transformers import AutoTokenizer
 
     from .data.assets import resolve_model
+    from .teachers.decoder import pools_last_token, prepare_decoder_teacher
+    from .teachers.factory import TeacherSource
 
     path, eager, trust = resolve_model(teacher_path), config.objective.needs_attentions, config.trust_remote_code
-    model = load_classifier(path, task.num_labels, eager, trust, "teacher").eval()
-    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    if sharded:
+        model, t_config = None, classifier_config(path, task.num_labels, trust, "teacher")
+    else:
+        model = load_classifier(path, task.num_labels, eager, trust, "teacher").eval()
+        t_config = model.config
+    if pools_last_token(t_config):  # right padding and a pad id the model pools by
+        prepare_decoder_teacher(tokenizer, t_config)
+    source = None
+    if sharded:
+        source = TeacherSource(path, task.num_labels, "eager" if eager else None, trust, tokenizer.pad_token_id)
+    return model, tokenizer, t_config, source
 
 
 def _load_models(config, task, teacher_path) -> _Models:
-    """The teacher (when there is one) and the student: a given checkpoint, or layers taken from the teacher."""
+    """The teacher (when there is one) and the student: a given checkpoint, or layers taken from the teacher. A
+    co-located tensor-parallel teacher (teacher_tp_size > 1) is not built here: each rank loads its own shards when the
+    teacher is built; only a student made from the teacher's layers needs the whole teacher, once, and drops it."""
     from transformers import AutoTokenizer
 
     from .data.assets import resolve_model
     from .modeling import student_from_teacher
 
     cfg, trust = config.objective, config.trust_remote_code
-    teacher, tok_t = _load_teacher(config, task, teacher_path)
+    sharded = config.teacher_tp_size > 1 and not config.teacher_ranks and cfg.needs_teacher
+    teacher, tok_t, t_config, source = _load_teacher(config, task, teacher_path, sharded)
     if config.student:
         path = resolve_model(config.student)
         student = load_classifier(path, task.num_labels, cfg.needs_attentions, trust, "student")
         tok_s = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     else:
         strategy, _, n = config.student_layers.partition(":")
-        student, tok_s = student_from_teacher(teacher, int(n), strategy), tok_t
+        whole = teacher
+        if whole is None:
+            logger.info("student made from the teacher's layers: the teacher is loaded whole once for that")
+            whole = load_classifier(source.path, task.num_labels, cfg.needs_attentions, trust, "teacher").eval()
+        student, tok_s = student_from_teacher(whole, int(n), strategy), tok_t
+        del whole
     student.train()
-    models = _Models(teacher, tok_t, student, tok_s)
-    if models.two_tokenizers and (cfg.deep_kd or cfg.w_pkd > 0):
+    models = _Models(teacher, tok_t, student, tok_s, t_config, source)
+    if models.two_tokenizers and cfg.deep_kd:
         raise ValueError(
             f"method {cfg.method} compares hidden states token by token, but the teacher and student tokenizers "
-            "differ: use method kd or ad2-dkd (logits only), or a student built from the teacher (student_layers)"
+            "differ: use method kd or ad2-dkd (logits only), pkd (pooled states through a learned projection), or a "
+            "student built from the teacher (student_layers)"
         )
     return models
 
@@ -466,7 +518,9 @@ def _load_models(config, task, teacher_path) -> _Models:
 def _fit_positions(config, models: _Models):
     """The config with max_seq_length cut to the models' position embeddings (with a warning) when longer."""
     max_positions = min(
-        getattr(m.config, "max_position_embeddings", 10**9) for m in (models.teacher, models.student) if m is not None
+        getattr(c, "max_position_embeddings", 10**9)
+        for c in (models.teacher_config, models.student.config)
+        if c is not None
     )
     length = config.data.max_seq_length
     if length <= max_positions:
@@ -522,6 +576,36 @@ def _measure(models: _Models, dev_sets, collator, task, group) -> dict:
             teacher_latency_ms=measure_latency(models.teacher, teacher_dev, t_collator),
         )
     return report
+
+
+def _measure_sharded_teacher(models: _Models, live, dev_sets, collator, task, group) -> dict:
+    """The tensor-parallel teacher's dev scores, parameters (counted on its empty skeleton) and latency, through the
+    live teacher (every rank runs the same forwards; the TP group gathers its rows)."""
+    from .data.glue import DataCollator
+    from .modeling import count_parameters, measure_latency
+    from .teachers.factory import TeacherModel
+    from .teachers.sharded import empty_classifier
+    from .trainer import evaluate
+
+    model = TeacherModel(live, models.teacher_config)
+    teacher_dev = dev_sets if not models.two_tokenizers else {k: _teacher_view(v) for k, v in dev_sets.items()}
+    t_collator = DataCollator(models.tok_t.pad_token_id)
+    src = models.source
+    return dict(
+        teacher_scores=evaluate(model, teacher_dev, t_collator, task, 32, group=group),
+        teacher_params=count_parameters(empty_classifier(src.path, src.num_labels, src.trust_remote_code)),
+        teacher_latency_ms=measure_latency(model, teacher_dev, t_collator),
+    )
+
+
+def _teacher_load(live, models: _Models, layout) -> Optional[str]:
+    """How the run's teacher was loaded: "shards" (each rank read only its own from the checkpoint), "whole", "hosted"
+    (on the teacher ranks: shard by shard when several), None without a teacher."""
+    if layout is not None:
+        return "hosted"
+    if live is not None:
+        return live.loaded
+    return "whole" if models.teacher is not None else None
 
 
 def _cache_data(config, models: _Models, train_ds, collator, teacher_path):

@@ -18,6 +18,7 @@ why. Ranks end with ``dist.clean_exit`` (no SIGABRT at exit).
 """
 
 import faulthandler
+import gc
 import multiprocessing as mp
 import os
 import pickle
@@ -35,6 +36,11 @@ from .trainer import Callback
 
 
 def _worker(fn, rank, world_size, port, args, kwargs, conn, stacks_path) -> None:
+    # A forked rank inherits the parent's heap, garbage included. Collected here, an object whose finalizer joins
+    # native threads or takes a lock of the parent (a leaked gloo process group, a thread pool) waits forever: those
+    # threads were not copied. Freeze what was inherited so the rank's GC never finalizes it (seen: both ranks of a
+    # recipe hung "Garbage-collecting" in from_pretrained late in the full suite, never alone).
+    gc.freeze()
     # SIGUSR1 from the parent (on a timeout) writes every thread's Python stack to stacks_path, even while the main
     # thread is blocked in a collective (faulthandler dumps from the C signal handler, without the GIL).
     stacks = open(stacks_path, "w")  # noqa: SIM115 - open until the process ends
@@ -93,6 +99,8 @@ def launch(
     if start_method == "fork" and tdist.is_available() and tdist.is_initialized():
         raise RuntimeError("launch(start_method='fork') from a process with torch.distributed initialized: use spawn")
     ctx = mp.get_context(start_method)
+    if start_method == "fork":
+        gc.collect()  # finalize the parent's garbage here, where its threads exist (see _worker)
     if start_method == "forkserver":
         ctx.set_forkserver_preload(["torch", "deepspeed", "transformers", "ad2_ds.dist"])
     port = dist.find_free_port()

@@ -22,6 +22,13 @@ teacher forward inside the timed step). Beside the engines, a plain loop (same s
 phase's dtype, a ``GradScaler`` for fp16, ``torch.optim.AdamW``, gradient clipping as in the JSON) runs kd and
 ad2-dkd fast with the cached teacher, to show what the engine adds.
 
+After the phases (issue 14): the teacher's weights, saved as sharded safetensors before wrapping, are loaded again by
+``DeepSpeedTeacher.from_pretrained`` (shard by shard when tp_size > 1, the whole-model path at 1) and its logits
+compared with the usual build's; then a TinyLlama-1.1B-shaped ``LlamaForSequenceClassification`` (22 x 2048, 32
+heads, 4 kv heads; random, saved and loaded the same way) runs as a teacher on the batch. Both record load seconds,
+weights, the allocated rise and peak of the load, and forward ms (``teacher_checks`` in the JSON;
+``--no_teacher_checks`` skips them).
+
 Timing as in ``benchmarks/step_cost.py`` (its Runner, interleave and PassCounter are imported): every step ends with
 ``torch.cuda.synchronize()``, so wall time around a step is the GPU's time for it; the runners of a phase go
 round-robin (start rotated each round) after untimed warm-up steps, with one untimed step at each switch; a row's time
@@ -97,6 +104,8 @@ SHAPES = {
     "gpu": {"teacher": (24, 1024, 16, 4096), "student": (6, 768, 12, 3072)},
     "cpu_smoke": {"teacher": (4, 96, 6, 192), "student": (2, 64, 4, 128)},
 }
+# (layers, hidden, heads, kv heads, ffn) of the decoder teacher: TinyLlama-1.1B's shape on the GPU (vocab 32000)
+DECODER_SHAPES = {"gpu": (22, 2048, 32, 4, 5632), "cpu_smoke": (2, 64, 4, 2, 128)}
 
 
 def bert_config(layers: int, hidden: int, heads: int, ffn: int, attn: str):
@@ -176,6 +185,88 @@ class Memory:
         gc.collect()
         if self.cuda:
             torch.cuda.empty_cache()
+
+
+def llama_config(layers: int, hidden: int, heads: int, kv_heads: int, ffn: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=32000, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=kv_heads, intermediate_size=ffn, max_position_embeddings=2048,
+                       num_labels=2, pad_token_id=0)  # fmt: skip
+
+
+def check_teacher_loading(args, ctx, reference_dir: str, log) -> dict:
+    """The sharded loader and a decoder teacher, measured in the same call (issue 14).
+
+    ``bert_from_pretrained``: the BERT-large-shaped teacher's weights (saved before wrapping, as sharded safetensors)
+    loaded by ``DeepSpeedTeacher.from_pretrained`` (each rank fills only its own shards when tp_size > 1; at tp_size 1
+    the whole-model path); its logits on the batch are compared with the teacher built the usual way.
+    ``decoder``: a Llama-shaped ``LlamaForSequenceClassification`` (random, saved as safetensors, loaded the same way)
+    run as a teacher on the batch. Each: load seconds, weights, allocated rise and peak during the load, median
+    forward ms of 3 (after one untimed), finite logits."""
+    import tempfile
+
+    from transformers import LlamaForSequenceClassification
+
+    from ad2_ds.teachers import DeepSpeedTeacher
+
+    mem, device, batch, world = ctx["mem"], ctx["device"], ctx["batch"], ctx["world"]
+    dtype = DTYPES[args.teacher_dtype]
+    out: dict = {}
+
+    def measure(name, path, reference=None, **kwargs):
+        mem.empty_cache()
+        before = mem.allocated()
+        mem.reset_peak()
+        t0 = time.perf_counter()
+        teacher = DeepSpeedTeacher.from_pretrained(path, tp_size=world, dtype=dtype, **kwargs)
+        mem.sync()
+        module = teacher.engine.module
+        row = {
+            "load_s": round(time.perf_counter() - t0, 2),
+            "tp_size": teacher.tp_size,
+            "sharded_load": teacher.tp_size > 1,
+            "weights_mib": r1(tensor_mib([*module.parameters(), *module.buffers()])),
+            "allocated_rise_mib": r1(mem.allocated() - before),
+            "load_peak_rise_mib": r1(mem.peak() - before),
+        }
+        logits = teacher(batch).logits
+        times = []
+        for _ in range(3):
+            mem.sync()
+            t0 = time.perf_counter()
+            logits = teacher(batch).logits
+            mem.sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+        row.update(forward_ms=round(statistics.median(times), 2), finite_logits=bool(torch.isfinite(logits).all()))
+        if reference is not None:
+            row["max_abs_diff_vs_usual_build"] = float((logits.float() - reference.float()).abs().max())
+        out[name] = row
+        log(f"{name}: {row}")
+        del teacher
+        mem.empty_cache()
+
+    def decoder():
+        with tempfile.TemporaryDirectory(dir=args.out_dir) as d:
+            torch.manual_seed(args.seed + 2)
+            with torch.device(device):
+                model = LlamaForSequenceClassification(llama_config(*DECODER_SHAPES[args.mode])).to(dtype)
+            out["decoder_params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
+            model.save_pretrained(d, max_shard_size="500MB")
+            del model
+            measure("decoder", d)
+
+    def bert():  # eager attention, as the usual build (its reference logits) uses
+        measure("bert_from_pretrained", reference_dir, ctx["reference_logits"], attn_implementation="eager")
+
+    checks = {"bert_from_pretrained": bert, "decoder": decoder}
+    for name, check in checks.items():
+        try:
+            check()
+        except Exception:  # noqa: BLE001 - recorded; the step-cost phases above keep their figures
+            out.setdefault("errors", {})[name] = traceback.format_exc()
+            log(f"{name}: FAILED\n{out['errors'][name]}")
+    return out
 
 
 def r1(x: Optional[float]) -> Optional[float]:
@@ -571,6 +662,8 @@ def parse_args(argv=None):
     p.add_argument("--budget_s", type=float, default=None,
                    help="start no further phase after this many seconds (gpu: 330), so the call ends in time")
     p.add_argument("--out_dir", default=os.environ.get("OUT") or "gpu_check_out")
+    p.add_argument("--no_teacher_checks", action="store_true",
+                   help="skip the sharded-loader and decoder-teacher checks after the phases")  # fmt: skip
     args = p.parse_args(argv)
     args.mode = "cpu_smoke" if args.cpu_smoke else "gpu"
     for k, v in MODES[args.mode].items():
@@ -618,6 +711,13 @@ def main(argv=None):
     before = mem.allocated()
     with torch.device(device):  # random init where it will run: a BERT-large init on the CPU takes seconds
         model_t = BertForSequenceClassification(bert_config(*shapes["teacher"], attn="eager"))
+    os.makedirs(args.out_dir, exist_ok=True)
+    teacher_dir = None
+    if not args.no_teacher_checks:  # the same weights as safetensors, for the sharded loader's check at the end
+        import tempfile
+
+        teacher_dir = tempfile.mkdtemp(prefix="teacher-", dir=args.out_dir)
+        model_t.save_pretrained(teacher_dir, max_shard_size="200MB")
     teacher = DeepSpeedTeacher(model_t, tp_size=world, dtype=DTYPES[args.teacher_dtype],
                                output_hidden_states=True, output_attentions=True)
     teacher_config = model_t.config
@@ -641,6 +741,7 @@ def main(argv=None):
         "mem": mem, "device": device, "batch": batch, "teacher": teacher, "teacher_config": teacher_config,
         "teacher_weights_mib": teacher_weights_mib, "student": student, "global_batch": args.batch_size * world,
         "cached_raw": {False: TeacherOutput(deep_raw.logits), True: deep_raw},
+        "world": world, "reference_logits": deep_raw.logits,
     }
     result = {
         "command": "bash benchmarks/gpu_check.sh" if args.mode == "gpu" else "python benchmarks/gpu_check.py",
@@ -686,6 +787,18 @@ def main(argv=None):
         result["phases"][precision] = phase
         write()
         print_phase(phase, log)
+    if teacher_dir is not None:
+        if time.perf_counter() - t_start > args.budget_s:
+            log(f"teacher checks: skipped, {args.budget_s:.0f} s budget spent")
+            result["skipped_phases"].append("teacher_checks")
+        else:
+            del ctx["cached_raw"], deep_raw
+            result["teacher_checks"] = check_teacher_loading(args, ctx, teacher_dir, log)
+            if result["teacher_checks"].get("errors"):
+                result["errors"]["teacher_checks"] = result["teacher_checks"]["errors"]
+        import shutil
+
+        shutil.rmtree(teacher_dir, ignore_errors=True)
     result["complete"] = not result["skipped_phases"] and not result["errors"]
     write()
     summary = {p: {r["name"]: r["ratio_to_kd"] for r in ph["results"]} for p, ph in result["phases"].items()}

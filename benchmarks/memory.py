@@ -2,6 +2,17 @@
 
     PYTHONPATH=. python benchmarks/memory.py --json_out docs/results/memory.json
     PYTHONPATH=. python benchmarks/memory.py --teachers bert-large --dtypes bf16 --no_student
+    PYTHONPATH=. python benchmarks/memory.py --disk bert-large,llama-1b --tp 1,2,4 --no_student \
+        --json_out docs/results/memory_sharded.json      # real safetensors files, sharded loading (below)
+
+``--disk``: the teachers are written once as sharded safetensors checkpoints on disk (random weights, written tensor by
+tensor: BERT-large in fp32 as BERT checkpoints ship, the 1.03B-parameter TinyLlama-shaped decoder in bf16 as LLM
+checkpoints ship) and loaded the way the library does: at TP=1 ``from_pretrained(dir, dtype=...)`` then
+``LocalTeacher``, at TP>1 ``DeepSpeedTeacher.from_pretrained`` (each rank fills only its own shards, one file at a
+time). A thread samples each rank's anonymous memory (RssAnon) every 2 ms, so every phase (load, forward, after) gets
+its own anonymous peak next to its file-backed pages (RssFile: the memory-mapped checkpoint, shared through the page
+cache). ``MALLOC_MMAP_THRESHOLD_=1048576`` is set for the ranks so glibc returns freed full-size tensors at once.
+The expected floor is the bytes a rank holds after loading (its shards + the layers every rank replicates).
 
 Every configuration runs in fresh processes (``ad2_ds.testing.launch`` with the spawn start method: exec gives each
 rank a new address space, so its peak RSS belongs to that configuration only). Each rank reads its resident memory
@@ -206,6 +217,206 @@ def _student_rank(rank, world_size, stage, batch_size, seq_len, dtype_name="fp32
             "model_params": sum(p.numel() for p in model_params)}
 
 
+DISK_TEACHERS = {
+    "bert-large": "BERT-large shape (24 x 1024, 16 heads, FFN 4096, vocab 30522, 335M params), fp32 safetensors",
+    "llama-1b": "TinyLlama-1.1B shape (22 x 2048, 32 heads, 4 kv heads, FFN 5632, vocab 32000, 1.03B params), "
+    "bf16 safetensors",
+}
+
+
+def disk_config(kind: str):
+    from transformers import LlamaConfig
+
+    if kind == "bert-large":
+        cfg = bert_large_config()
+        cfg.architectures = ["BertForSequenceClassification"]
+        return cfg, "float32"
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
+                      num_key_value_heads=4, intermediate_size=5632, max_position_embeddings=2048, num_labels=2,
+                      pad_token_id=0, architectures=["LlamaForSequenceClassification"])  # fmt: skip
+    return cfg, "bfloat16"
+
+
+def write_random_checkpoint(kind: str, path: str, shard_mib: int = 256) -> dict:
+    """A sharded safetensors checkpoint of random weights, written tensor by tensor (the writer never holds more
+    than one file's worth), with its index, like ``save_pretrained(max_shard_size=...)``."""
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoModelForSequenceClassification
+
+    cfg, dtype_name = disk_config(kind)
+    dtype = getattr(torch, dtype_name)
+    done = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(done):
+        with open(done) as f:
+            return json.load(f)["metadata"]
+    os.makedirs(path, exist_ok=True)
+    with init_empty_weights():
+        skeleton = AutoModelForSequenceClassification.from_config(cfg)
+    g = torch.Generator().manual_seed(0)
+    shard, shard_bytes, files, weight_map, total, numel = {}, 0, [], {}, 0, 0
+
+    def flush():
+        name = f"model-{len(files) + 1:05d}.safetensors"
+        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        files.append(name)
+        weight_map.update({k: name for k in shard})
+
+    for key, t in skeleton.state_dict().items():
+        if key.endswith("norm.weight") or key.endswith("LayerNorm.weight"):
+            value = torch.ones(t.shape, dtype=dtype)
+        elif key.endswith("bias"):
+            value = torch.zeros(t.shape, dtype=dtype)
+        else:
+            value = (torch.randn(t.shape, generator=g) * 0.02).to(dtype)
+        shard[key] = value
+        shard_bytes += value.numel() * value.element_size()
+        total += value.numel() * value.element_size()
+        numel += value.numel()
+        if shard_bytes >= shard_mib * 2**20:
+            flush()
+            shard, shard_bytes = {}, 0
+    if shard:
+        flush()
+    cfg.save_pretrained(path)
+    meta = {"total_size": str(total), "params": str(numel), "dtype": dtype_name}
+    with open(done, "w") as f:
+        json.dump({"metadata": meta, "weight_map": weight_map}, f)
+    return meta
+
+
+class AnonSampler:
+    """RssAnon/RssFile of this process sampled every ``period_s`` by a thread; ``mark`` closes a phase."""
+
+    def __init__(self, period_s: float = 0.002):
+        import threading
+
+        self.points, self._stop = {}, threading.Event()
+        self._anon_peak = self._file_peak = 0
+        self._thread = threading.Thread(target=self._run, args=(period_s,), daemon=True)
+        self._thread.start()
+
+    def _sample(self):
+        with open("/proc/self/status") as f:
+            text = f.read()
+        anon = int(re.search(r"^RssAnon:\s+(\d+) kB", text, re.M).group(1))
+        file = int(re.search(r"^RssFile:\s+(\d+) kB", text, re.M).group(1))
+        self._anon_peak, self._file_peak = max(self._anon_peak, anon), max(self._file_peak, file)
+        return anon, file
+
+    def _run(self, period_s):
+        while not self._stop.wait(period_s):
+            self._sample()
+
+    def mark(self, name: str) -> None:
+        gc.collect()
+        anon, file = self._sample()
+        self.points[name] = {
+            "anon_mib": anon / 1024,
+            "file_mib": file / 1024,
+            "anon_peak_mib": self._anon_peak / 1024,
+            "file_peak_mib": self._file_peak / 1024,
+        }
+        self._anon_peak, self._file_peak = anon, file
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+
+def _disk_teacher_rank(rank, world_size, path, dtype_name, batch_size, seq_len):
+    meter = AnonSampler()
+    import accelerate  # noqa: F401
+    import deepspeed  # noqa: F401
+    import torch
+    import transformers  # noqa: F401
+    import transformers.models.bert.modeling_bert  # noqa: F401 - imported before "base": code, not weights
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    from transformers import AutoModelForSequenceClassification
+
+    from ad2_ds import dist
+    from ad2_ds import teachers as T
+
+    dist.init_distributed()
+    meter.mark("base")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    t0 = time.perf_counter()
+    if world_size == 1:
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+        t = T.LocalTeacher(model, output_hidden_states=True)
+        module = t.model
+        del model
+    else:
+        t = T.DeepSpeedTeacher.from_pretrained(path, tp_size=world_size, dtype=dtype, output_hidden_states=True)
+        module = t.engine.module
+    load_s = time.perf_counter() - t0
+    meter.mark("load")
+    params = held_bytes(p.data for p in module.parameters())
+    buffers = held_bytes(b for b in module.buffers())
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 30000, (batch_size, seq_len), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    t0 = time.perf_counter()
+    out = t(batch)
+    fwd_s = time.perf_counter() - t0
+    out_bytes = held_bytes([out.logits, *out.hidden_states])
+    finite = bool(torch.isfinite(out.logits).all())
+    meter.mark("forward")
+    del out
+    meter.mark("after")
+    meter.stop()
+    return {"points": meter.points, "param_bytes": params, "buffer_bytes": buffers, "output_bytes": out_bytes,
+            "load_s": round(load_s, 1), "forward_s": round(fwd_s, 1), "finite": finite}  # fmt: skip
+
+
+def disk_rows(args) -> list:
+    from ad2_ds.testing import launch
+
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)  # inherited by the spawned ranks
+    rows = []
+    for kind in args.disk.split(","):
+        path = os.path.join(args.checkpoint_dir, kind)
+        t0 = time.perf_counter()
+        meta = write_random_checkpoint(kind, path)
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        print(f"{kind}: {meta['params']} params, {int(meta['total_size']) / 2**20:.0f} MiB in {len(files)} "
+              f"safetensors files ({meta['dtype']}), {time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+        for dtype in args.dtypes.split(","):
+            for tp in map(int, args.tp.split(",")):
+                t0 = time.perf_counter()
+                batch = args.decoder_batch_size if kind != "bert-large" else args.batch_size
+                ranks = launch(_disk_teacher_rank, world_size=tp, args=(path, dtype, batch, args.seq_len),
+                               timeout_s=args.timeout_s, start_method="spawn")  # fmt: skip
+                r = ranks[0]
+                pts = r["points"]
+                base = pts["base"]["anon_mib"]
+                held = _mib(r["param_bytes"] + r["buffer_bytes"])
+                row = {
+                    "teacher": kind, "checkpoint_dtype": meta["dtype"], "dtype": dtype, "tp": tp,
+                    "batch": f"{batch}x{args.seq_len}",
+                    "held_mib": round(held, 1),
+                    "load_anon_peak_mib": round(pts["load"]["anon_peak_mib"] - base, 1),
+                    "load_file_peak_mib": round(pts["load"]["file_peak_mib"], 1),
+                    "steady_anon_mib": round(pts["after"]["anon_mib"] - base, 1),
+                    "steady_file_mib": round(pts["after"]["file_mib"], 1),
+                    "forward_anon_peak_mib": round(pts["forward"]["anon_peak_mib"] - base, 1),
+                    "base_anon_mib": round(base, 1),
+                    "load_peak_over_held": round((pts["load"]["anon_peak_mib"] - base) / held, 2),
+                    "load_s": r["load_s"], "forward_s": r["forward_s"], "finite_logits": r["finite"],
+                    "max_rank_load_anon_peak_mib": round(max(x["points"]["load"]["anon_peak_mib"]
+                                                             - x["points"]["base"]["anon_mib"] for x in ranks), 1),
+                    "per_rank": ranks, "wall_s": round(time.perf_counter() - t0, 1),
+                }  # fmt: skip
+                rows.append(row)
+                print(f"{kind:<10} {dtype} tp={tp}: held {row['held_mib']} MiB/rank; anon peak load "
+                      f"+{row['load_anon_peak_mib']} ({row['load_peak_over_held']}x held), forward "
+                      f"+{row['forward_anon_peak_mib']}, steady +{row['steady_anon_mib']}; file pages load peak "
+                      f"{row['load_file_peak_mib']}, steady {row['steady_file_mib']}; load {r['load_s']} s, "
+                      f"forward {r['forward_s']} s", flush=True)  # fmt: skip
+    return rows
+
+
 def environment() -> dict:
     mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     return common.environment(mem_total_gib=mem_gib)
@@ -227,8 +438,35 @@ def main(argv=None):
     p.add_argument("--student_dtypes", default="fp32,bf16")
     p.add_argument("--timeout_s", type=float, default=900)
     p.add_argument("--json_out", default=None)
+    p.add_argument("--disk", default=None, help="teachers from safetensors on disk: bert-large,llama-1b")
+    p.add_argument("--checkpoint_dir", default="/tmp/ad2_ds_memory_checkpoints")
+    p.add_argument("--decoder_batch_size", type=int, default=4)
+    p.add_argument("--malloc_mmap_threshold", type=int, default=1048576)
     args = p.parse_args(argv)
     from ad2_ds.testing import launch
+
+    if args.disk:
+        unknown = sorted(set(args.disk.split(",")) - set(DISK_TEACHERS))
+        if unknown:
+            p.error(f"--disk: unknown teachers {unknown}; known: {sorted(DISK_TEACHERS)}")
+        rows = disk_rows(args)
+        print("\nTeacher memory per rank from safetensors on disk (MiB above the rank's base; anon = RssAnon, file = "
+              "RssFile; held = the rank's parameters + buffers)")  # fmt: skip
+        print(f"{'teacher':<11}{'dtype':<6}{'TP':>3}{'held':>9}{'load anon pk':>14}{'x held':>8}{'fwd anon pk':>13}"
+              f"{'steady anon':>13}{'load file pk':>14}{'steady file':>13}")  # fmt: skip
+        for r in rows:
+            print(f"{r['teacher']:<11}{r['dtype']:<6}{r['tp']:>3}{r['held_mib']:>9.0f}{r['load_anon_peak_mib']:>14.0f}"
+                  f"{r['load_peak_over_held']:>8.2f}{r['forward_anon_peak_mib']:>13.0f}{r['steady_anon_mib']:>13.0f}"
+                  f"{r['load_file_peak_mib']:>14.0f}{r['steady_file_mib']:>13.0f}")  # fmt: skip
+        cmd_args = sys.argv[1:] if argv is None else argv
+        result = {"command": "PYTHONPATH=. python benchmarks/memory.py " + " ".join(cmd_args),
+                  "environment": environment(), "teachers": DISK_TEACHERS,
+                  "malloc_mmap_threshold": args.malloc_mmap_threshold, "disk_rows": rows}  # fmt: skip
+        if args.json_out:
+            os.makedirs(os.path.dirname(args.json_out) or ".", exist_ok=True)
+            with open(args.json_out, "w") as f:
+                json.dump(result, f, indent=1)
+        return result
 
     teacher_rows = []
     for name in args.teachers.split(","):

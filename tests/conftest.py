@@ -182,3 +182,38 @@ def write_tiny_wordnet(root, synsets=None, exceptions=None):
         exc = exceptions.get(pos, {})
         (root / f"{pos}.exc").write_text("".join(f"{k} {v}\n" for k, v in exc.items()))
     return root
+
+
+DECODER_SIZES = dict(
+    vocab_size=80,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # grouped-query attention: 2 query heads per key/value head
+    intermediate_size=64,
+    max_position_embeddings=64,
+    num_labels=3,
+)
+
+
+def tiny_decoder(arch, seed=0, pad_token_id=1, **kw):
+    import transformers
+
+    config = getattr(transformers, f"{arch}Config")(**{**DECODER_SIZES, **kw}, pad_token_id=pad_token_id)
+    torch.manual_seed(seed)
+    return getattr(transformers, f"{arch}ForSequenceClassification")(config).eval()
+
+
+def decoder_tokenizer(padding_side="right"):
+    """A Llama-like word-level tokenizer: no pad token, an eos appended to every text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1, "<s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="</s>", bos_token="<s>",
+                                   padding_side=padding_side)  # fmt: skip

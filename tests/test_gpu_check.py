@@ -80,6 +80,14 @@ def test_gpu_check_cpu_smoke(tmp_path):
         assert phase["cached_outputs_mib"]["deep"] > phase["cached_outputs_mib"]["logits_only"]
         assert set(phase["memory_mib"]) == {"max_allocated", "max_reserved"}
 
+    checks = result["teacher_checks"]  # issue 14: the sharded loader and a decoder teacher, in the same call
+    assert "errors" not in checks and checks["decoder_params_m"] > 0
+    for name in ("bert_from_pretrained", "decoder"):
+        row = checks[name]
+        assert row["tp_size"] == 1 and row["sharded_load"] is False  # one rank: the whole-model path
+        assert row["finite_logits"] and row["forward_ms"] > 0 and row["load_s"] > 0 and row["weights_mib"] > 0
+    assert checks["bert_from_pretrained"]["max_abs_diff_vs_usual_build"] == 0.0  # same weights, same dtype cast
+
 
 def test_gpu_check_keeps_the_phases_that_ran_when_one_fails(tmp_path):
     # fp16 is GPU-only: its phase fails on CPU at the DeepSpeed JSON check; fp32 still runs and is written

@@ -177,6 +177,7 @@ def test_recipe_under_the_deepspeed_launcher_on_two_ranks(fixture_dirs, tmp_path
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 2 and results["history"]
     assert results["engine"]["zero_stage"] == 2  # two data-parallel ranks: the config's stage
+    assert results["teacher_load"] == "shards"  # teacher_tp_size 2: DeepSpeedTeacher.from_pretrained, shard by shard
     assert (out / "best" / "model.safetensors").is_file()
 
 

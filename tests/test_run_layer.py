@@ -204,3 +204,16 @@ def test_run_distillation_from_python_scores_the_best_student_on_the_test_split(
     tag = (ckpt / "latest").read_text().strip()
     state = torch.load(ckpt / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     assert RunConfig.from_dict(json.loads(state["run_config"])) == config
+
+
+def test_a_tp_teacher_saved_as_bin_is_refused_before_any_work(tmp_path):
+    from ad2_ds.run import check_run
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    torch.save(tiny_bert().state_dict(), teacher / "pytorch_model.bin")
+    config = RunConfig(deepspeed=ZERO2, teacher=str(teacher), teacher_tp_size=2, output_dir=str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match=r"^teacher .*\.bin weights .* safetensors") as e:
+        check_run(config, world_size=2)
+    assert e.value.field == "teacher"
+    check_run(dataclasses.replace(config, teacher_tp_size=1), world_size=2)  # tp 1 loads it whole: allowed

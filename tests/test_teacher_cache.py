@@ -38,7 +38,8 @@ def test_cached_outputs_equal_live_outputs(tmp_path, capsys, dtype, tol):
     batches = _batches()
     build_teacher_cache(teacher, batches, tmp_path, _fp(model), hidden_layers=[0, 2], dtype=dtype, num_examples=10)
     printed = capsys.readouterr().out
-    assert f"{10 * MAX_LEN * 32 * 2 * 2} bytes = N 10 x T {MAX_LEN} x H 32 x layers 2 x 2" in printed
+    # first batch: rows of 8, 6, 4 and 8 real tokens; 6.5 x 2 x 32 x 2 + id 8 + crc 4 + logits 12 + offset 8 = 864
+    assert "about 864 bytes per example (first batch: 6.5 real tokens x 2 layers x H 32 x 2 B + logits)" in printed
     cached = CachedTeacher(tmp_path, _fp(model), require_hidden_layers=[2])
     assert len(cached) == 10 and cached.num_labels == 3
     # look up in another order and grouping than the build, with a sequence length the build never saw
@@ -51,13 +52,13 @@ def test_cached_outputs_equal_live_outputs(tmp_path, capsys, dtype, tol):
             src = batches[i // 4]
             live = teacher({k: v[i % 4 : i % 4 + 1] for k, v in src.items()})
             torch.testing.assert_close(out.logits[row], live.logits[0], atol=1e-6, rtol=0)  # logits stay fp32
-            T = src["input_ids"].shape[1]
+            real = int(src["attention_mask"][i % 4].sum())
             for layer in (0, 2):
                 h = out.hidden_states[layer][row]
                 assert h.shape == (7, 32) and h.dtype == torch.float32
-                n = min(7, T)
+                n = min(7, real)
                 torch.testing.assert_close(h[:n], live.hidden_states[layer][0, :n], atol=tol * 4, rtol=tol)
-                assert (h[n:] == 0).all()  # positions past the example's batch length are zero
+                assert (h[n:] == 0).all()  # only real tokens are stored: past them, zeros
 
 
 def test_cached_teacher_pads_past_the_stored_length(tmp_path):
@@ -147,4 +148,68 @@ def test_sharded_build_on_two_ranks(tmp_path):
     src = _batches(7, first_id=10, seed=100)[-1]  # ids 14..16, written by rank 1
     out, live = cached(src), teacher(src)
     torch.testing.assert_close(out.logits, live.logits, atol=1e-6, rtol=0)
-    torch.testing.assert_close(out.hidden_states[2], live.hidden_states[2], atol=8e-3, rtol=2e-3)
+    mask = src["attention_mask"].bool()  # real tokens only; the fp32 teacher's states are stored in fp32: exact
+    assert torch.equal(out.hidden_states[2][mask], live.hidden_states[2][mask])
+    assert (out.hidden_states[2][~mask] == 0).all()
+
+
+def _build(tmp_path, model, **kw):
+    teacher = LocalTeacher(model, output_hidden_states=True)
+    return build_teacher_cache(teacher, _batches(), tmp_path, _fp(model), num_examples=10, **kw)
+
+
+def test_cache_stores_only_real_tokens_in_the_teachers_precision(tmp_path):
+    model = tiny_bert(num_labels=3)
+    _build(tmp_path / "deep", model, hidden_layers=[0, 2])  # dtype None: the fp32 teacher's own precision
+    _build(tmp_path / "logits", model)
+    meta = json.loads((tmp_path / "deep" / "meta.json").read_text())
+    assert meta["dtype"] == "float32"
+    real = sum(int(b["attention_mask"].sum()) for b in _batches())
+    padded = sum(b["input_ids"].numel() for b in _batches())
+    assert real < padded  # the fixture pads, so storing padding would show
+    assert (tmp_path / "deep" / "shard-00000.hidden.bin").stat().st_size == real * 2 * 32 * 4  # tokens x L x H x 4
+    assert meta["bytes_per_example"] == pytest.approx((10 * (8 + 4 + 12 + 8) + 8 + real * 2 * 32 * 4) / 10)
+    logits_only = json.loads((tmp_path / "logits" / "meta.json").read_text())
+    assert logits_only["bytes_per_example"] == 8 + 4 + 3 * 4  # id, crc32, 3 fp32 logits
+    cached = CachedTeacher(tmp_path / "deep", _fp(model))
+    teacher = LocalTeacher(model, output_hidden_states=True)
+    for batch in _batches():
+        out, live = cached(batch), teacher(batch)
+        mask = batch["attention_mask"].bool()
+        for layer in (0, 2):
+            assert torch.equal(out.hidden_states[layer][mask], live.hidden_states[layer][mask])  # fp32: exact
+            assert (out.hidden_states[layer][~mask] == 0).all()
+
+
+def test_a_truncated_shard_is_refused_then_rebuilt(tmp_path, capsys):
+    model = tiny_bert(num_labels=3)
+    _build(tmp_path, model, hidden_layers=[2], dtype=torch.bfloat16)
+    hidden = tmp_path / "shard-00000.hidden.bin"
+    size = hidden.stat().st_size
+    with open(hidden, "r+b") as f:
+        f.truncate(size - 64)
+    with pytest.raises(ValueError, match=r"damaged cache .*shard-00000.hidden.bin has \d+ bytes, not the"):
+        CachedTeacher(tmp_path, _fp(model))
+    _build(tmp_path, model, hidden_layers=[2], dtype=torch.bfloat16)  # same fingerprint: rebuilt, not reused
+    assert "rebuilding the cache" in capsys.readouterr().out and hidden.stat().st_size == size
+    CachedTeacher(tmp_path, _fp(model))(_batches()[0])
+
+
+def test_a_corrupted_row_is_refused_never_returned(tmp_path):
+    model = tiny_bert(num_labels=3)
+    _build(tmp_path, model, hidden_layers=[2], dtype=torch.float16)
+    tokens = np.fromfile(tmp_path / "shard-00000.tokens.bin", np.int64)
+    index = np.load(tmp_path / "index.npy")
+    row_of_5 = int(index[index[:, 0] == 5][0, 2])
+    with open(tmp_path / "shard-00000.hidden.bin", "r+b") as f:  # flip one byte inside example 5's hidden states
+        f.seek(int(tokens[row_of_5]) * 32 * 2 + 7)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x40]))
+    cached = CachedTeacher(tmp_path, _fp(model))  # same sizes: opens
+    batch = random_batch(batch_size=2)
+    batch["idx"] = torch.tensor([4, 6])
+    cached(batch)  # other rows are fine
+    batch["idx"] = torch.tensor([4, 5])
+    with pytest.raises(ValueError, match=r"corrupted cache .* fails its crc32 check"):
+        cached(batch)

@@ -8,19 +8,27 @@
 
 Layout of ``cache_dir`` (each rank writes the examples it saw, keyed by the example id ``idx``)::
 
-    shard-00000.idx.bin      int64 [n]                           example id of each row
-    shard-00000.logits.bin   float32 [n, C]                      logits are small: kept in fp32
-    shard-00000.hidden.bin   fp16 / bf16 (as int16) [n, L, T, H] the requested layers, padded to T = max_length
-    index.npy                int64 [N, 3]                        (idx, shard, row), sorted by idx
-    meta.json                shapes, dtype, layers, the fingerprint; written last
+    shard-00000.idx.bin      int64 [n]                       example id of each row
+    shard-00000.logits.bin   float32 [n, C]                  logits are small: kept in fp32
+    shard-00000.tokens.bin   int64 [n + 1]                   row r's tokens are hidden[tokens[r]:tokens[r + 1]]
+    shard-00000.hidden.bin   fp32/fp16/bf16 (as int16) [sum of lengths, L, H]   only real tokens (no padding)
+    shard-00000.crc.bin      uint32 [n]                      crc32 of row r's logits and hidden bytes
+    index.npy                int64 [N, 3]                    (idx, shard, row), sorted by idx
+    meta.json                shapes, dtype, layers, the fingerprint, every file's size; written last
 
-Every file is written to a temporary name and renamed; a cache is valid only once ``meta.json`` exists.
+Hidden states keep only each example's real tokens (its teacher attention mask; batches are right-padded), so a row
+costs its own length, not the longest in its batch nor max_length; they are stored in the teacher's precision unless
+``dtype`` asks for another. Every file is written to a temporary name and renamed; a cache is valid only once
+``meta.json`` exists. Opening a cache checks every file's size against meta.json (a truncated shard is refused with
+one line); reading a row checks its crc32 (a corrupted row is refused with one line, never returned as garbage).
+``meta.json`` reports ``bytes_per_example``.
 """
 
 import hashlib
 import json
 import os
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, List, Mapping, Optional, Sequence, Union
 
@@ -30,8 +38,14 @@ import torch
 from .. import dist
 from .base import Teacher, TeacherOutput, teacher_inputs
 
-FORMAT_VERSION = 1
-_STORAGE = {torch.float16: ("float16", np.float16), torch.bfloat16: ("bfloat16", np.int16)}
+FORMAT_VERSION = 2  # 2: real tokens only, per-row crc32, file sizes in meta.json
+_STORAGE = {
+    torch.float32: ("float32", np.float32),
+    torch.float16: ("float16", np.float16),
+    torch.bfloat16: ("bfloat16", np.int16),  # numpy has no bfloat16: stored as its bits
+}
+_FROM_NAME = {name: dt for dt, (name, _) in _STORAGE.items()}
+SHARD_FILES = ("idx", "logits", "crc", "tokens", "hidden")
 
 
 def state_dict_hash(model_or_state: Union[torch.nn.Module, Mapping[str, torch.Tensor]]) -> str:
@@ -89,45 +103,52 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 class _ShardWriter:
-    """Rows of one rank, written into preallocated memmaps under temporary names, renamed by ``close``."""
+    """Rows of one rank, appended to files under temporary names, renamed by ``close``."""
 
-    def __init__(self, cache_dir: Path, shard: int, capacity: int, num_logits: int, hidden_shape, storage_dtype):
-        self.rows, self.capacity = 0, capacity
-        self.paths, self.tmp = {}, {}
-        specs = {"idx": (np.int64, (capacity,)), "logits": (np.float32, (capacity, num_logits))}
-        if hidden_shape is not None:
-            specs["hidden"] = (storage_dtype, (capacity, *hidden_shape))
-        self.mm = {}
-        for name, (dtype, shape) in specs.items():
-            self.paths[name] = cache_dir / f"shard-{shard:05d}.{name}.bin"
-            self.tmp[name] = cache_dir / f"shard-{shard:05d}.{name}.bin.tmp-{os.getpid()}"
-            self.mm[name] = np.memmap(self.tmp[name], dtype=dtype, mode="w+", shape=shape)
+    def __init__(self, cache_dir: Path, shard: int, capacity: int, with_hidden: bool):
+        self.rows, self.capacity, self.tokens = 0, capacity, 0
+        names = SHARD_FILES if with_hidden else ("idx", "logits", "crc")
+        self.paths = {name: cache_dir / f"shard-{shard:05d}.{name}.bin" for name in names}
+        self.tmp = {name: Path(f"{path}.tmp-{os.getpid()}") for name, path in self.paths.items()}
+        self.files = {name: open(path, "wb") for name, path in self.tmp.items()}  # noqa: SIM115 - closed in close()
+        if with_hidden:
+            self.files["tokens"].write(np.zeros(1, np.int64).tobytes())
 
-    def write(self, idx: np.ndarray, logits: np.ndarray, hidden: Optional[np.ndarray]) -> None:
+    def write(self, idx: np.ndarray, logits: np.ndarray, hidden: Optional[List[np.ndarray]]) -> None:
+        """idx [B]; logits [B, C] float32; hidden: per row [len_b, L, H] in the storage dtype, or None."""
         n = len(idx)
         if self.rows + n > self.capacity:
             raise ValueError(
                 f"build_teacher_cache: this rank saw more than num_examples={self.capacity} examples; pass the number "
                 "of examples this rank's dataloader yields"
             )
-        sl = slice(self.rows, self.rows + n)
-        self.mm["idx"][sl] = idx
-        self.mm["logits"][sl] = logits
-        if hidden is not None:
-            self.mm["hidden"][sl] = hidden
+        logits = np.ascontiguousarray(logits, dtype=np.float32)
+        crcs = np.empty(n, np.uint32)
+        for b in range(n):
+            crc = zlib.crc32(logits[b].tobytes())
+            if hidden is not None:
+                row = np.ascontiguousarray(hidden[b])
+                crc = zlib.crc32(row.tobytes(), crc)
+                self.files["hidden"].write(row.tobytes())
+                self.tokens += row.shape[0]
+                self.files["tokens"].write(np.int64(self.tokens).tobytes())
+            crcs[b] = crc
+        self.files["idx"].write(np.ascontiguousarray(idx, dtype=np.int64).tobytes())
+        self.files["logits"].write(logits.tobytes())
+        self.files["crc"].write(crcs.tobytes())
         self.rows += n
 
-    def close(self) -> int:
-        for name, mm in self.mm.items():
-            row_bytes = mm.itemsize * int(np.prod(mm.shape[1:], dtype=np.int64))
-            mm.flush()
-            del mm
-            with open(self.tmp[name], "r+b") as f:
-                f.truncate(self.rows * row_bytes)
-                os.fsync(f.fileno())
+    def close(self) -> dict:
+        """Flush, rename, and return {file name: bytes}."""
+        sizes = {}
+        for name, f in self.files.items():
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
             os.replace(self.tmp[name], self.paths[name])
-        self.mm = {}
-        return self.rows
+            sizes[self.paths[name].name] = self.paths[name].stat().st_size
+        self.files = {}
+        return sizes
 
 
 def _barrier(group=None) -> None:
@@ -144,9 +165,20 @@ def _num_examples_of(dataloader) -> Optional[int]:
     return None
 
 
-def estimate_hidden_bytes(num_examples: int, max_length: int, hidden_size: int, num_layers: int) -> int:
-    """bytes = N x T x H x layers x 2 (fp16/bf16)."""
-    return int(num_examples) * int(max_length) * int(hidden_size) * int(num_layers) * 2
+def estimate_hidden_bytes(num_examples: int, max_length: int, hidden_size: int, num_layers: int, itemsize=2) -> int:
+    """bytes = N x T x H x layers x itemsize; with T the mean number of real tokens per example (the cache stores no
+    padding), or max_length for an upper bound."""
+    return int(num_examples) * int(max_length) * int(hidden_size) * int(num_layers) * int(itemsize)
+
+
+def bytes_per_example(num_logits: int, mean_tokens: float = 0.0, num_layers: int = 0, hidden_size: int = 0,
+                      itemsize: int = 2) -> float:  # fmt: skip
+    """On-disk bytes of one cached example: id (8) + crc (4) + fp32 logits, and with hidden states a token offset (8)
+    and mean_tokens x layers x hidden_size x itemsize."""
+    fixed = 8 + 4 + 4 * num_logits
+    if num_layers:
+        fixed += 8 + mean_tokens * num_layers * hidden_size * itemsize
+    return float(fixed)
 
 
 def build_teacher_cache(
@@ -155,7 +187,7 @@ def build_teacher_cache(
     cache_dir: Union[str, Path],
     fingerprint_parts: Mapping[str, Any],
     hidden_layers: Optional[Sequence[int]] = None,
-    dtype: torch.dtype = torch.float16,
+    dtype: Optional[torch.dtype] = None,
     num_examples: Optional[int] = None,
     max_length: Optional[int] = None,
     max_bytes: Optional[int] = None,
@@ -166,16 +198,17 @@ def build_teacher_cache(
     Call on every rank (collective: barriers, and a TP teacher's own collectives). Each batch needs ``idx``.
     fingerprint_parts: what the outputs depend on (see :func:`fingerprint`); stored in meta.json.
     hidden_layers: hidden-state indices to keep (0 = embeddings); the teacher must have output_hidden_states.
-    dtype: storage dtype of hidden states, torch.float16 or torch.bfloat16.
+    dtype: storage dtype of hidden states (float32, float16 or bfloat16); default: the teacher's own precision.
     num_examples: examples this rank will see (default: len(dataloader.sampler), else len(dataloader.dataset)).
-    max_length: T of the stored hidden states (default: fingerprint_parts["max_length"]); longer batches are refused.
-    max_bytes: refuse to start when the estimated hidden-state size of all ranks is larger.
+    max_length: longest teacher sequence allowed (default: fingerprint_parts["max_length"]); longer ones are refused.
+        Only real tokens are stored.
+    max_bytes: refuse to go on when the size estimated from the first batch (its mean length, all ranks) is larger.
     overwrite: rebuild even when a valid cache with the same fingerprint exists (otherwise it is reused as is).
     Returns the cache dir.
     """
     cache_dir = Path(cache_dir)
-    if dtype not in _STORAGE:
-        raise ValueError(f"build_teacher_cache: dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+    if dtype is not None and dtype not in _STORAGE:
+        raise ValueError(f"build_teacher_cache: dtype must be torch.float32, float16 or bfloat16, got {dtype}")
     layers = sorted(set(int(i) for i in hidden_layers or ()))
     if layers and not getattr(teacher, "output_hidden_states", False):
         raise ValueError("build_teacher_cache: hidden_layers requested but the teacher has output_hidden_states=False")
@@ -190,9 +223,14 @@ def build_teacher_cache(
     _barrier()
     if not overwrite and meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        same = (meta.get("fingerprint"), meta.get("hidden_layers"), meta.get("dtype"), meta.get("max_length"))
-        if same == (fp, layers, _STORAGE[dtype][0], int(max_length) if layers else None):
-            return cache_dir
+        same = (meta.get("format"), meta.get("fingerprint"), meta.get("hidden_layers"), meta.get("max_length"))
+        want_dtype = dtype is None or meta.get("dtype") in (None, _STORAGE[dtype][0])
+        if same == (FORMAT_VERSION, fp, layers, int(max_length) if layers else None) and want_dtype:
+            damaged = _damaged_files(cache_dir, meta)
+            if not damaged:
+                return cache_dir
+            if dist.is_main_process():
+                print(f"teacher cache: {damaged[0]} in {cache_dir}; rebuilding the cache", flush=True)
     _barrier()  # every rank has read the old meta before rank 0 removes it
     if rank == 0 and meta_path.exists():
         meta_path.unlink()  # the old cache is invalid from here on
@@ -202,14 +240,14 @@ def build_teacher_cache(
     if capacity is None:
         raise ValueError("build_teacher_cache: cannot tell how many examples this rank sees; pass num_examples")
     writer: Optional[_ShardWriter] = None
-    num_hidden_states = num_logits = hidden_size = None
+    num_hidden_states = num_logits = hidden_size = store = None
     for batch in dataloader:
         if "idx" not in batch:
             raise KeyError("build_teacher_cache: batches need an 'idx' (example id) entry")
         out = teacher(batch)
         idx = batch["idx"].detach().cpu().numpy().astype(np.int64)
         logits = out.logits.detach().float().cpu().numpy()
-        hidden = None
+        rows = None
         if layers:
             hs = out.hidden_states
             if hs is None or max(layers) >= len(hs) or any(hs[i] is None for i in layers):
@@ -217,47 +255,80 @@ def build_teacher_cache(
             B, T, H = hs[layers[0]].shape
             if T > max_length:
                 raise ValueError(f"build_teacher_cache: a batch has sequence length {T} > max_length={max_length}")
-            stacked = torch.zeros(B, len(layers), max_length, H, dtype=dtype)
-            for j, i in enumerate(layers):
-                stacked[:, j, :T] = hs[i].detach().to("cpu", dtype)
-            hidden = stacked.view(torch.int16).numpy() if dtype == torch.bfloat16 else stacked.numpy()
+            if store is None:
+                store = dtype if dtype is not None else hs[layers[0]].dtype
+            if store not in _STORAGE:
+                raise ValueError(f"build_teacher_cache: cannot store hidden states of dtype {store}")
+            lengths = _real_lengths(teacher_inputs(batch).get("attention_mask"), B, T)
+            stacked = torch.stack([hs[i].detach().to("cpu", store) for i in layers], dim=2)  # [B, T, L, H]
+            if store == torch.bfloat16:
+                stacked = stacked.view(torch.int16)
+            rows = [stacked[b, :n].numpy() for b, n in enumerate(lengths)]
             num_hidden_states, hidden_size = len(hs), H
         if writer is None:
             num_logits = logits.shape[1]
-            if layers:
-                total = capacity * world
-                est = estimate_hidden_bytes(total, max_length, hidden_size, len(layers))
-                if dist.is_main_process():
-                    print(
-                        f"teacher cache: hidden states need about {est / 2**30:.3f} GiB ({est} bytes = N {total} x "
-                        f"T {max_length} x H {hidden_size} x layers {len(layers)} x 2) in {cache_dir}",
-                        flush=True,
-                    )
-                if max_bytes is not None and est > max_bytes:
-                    raise ValueError(f"build_teacher_cache: estimated {est} bytes > max_bytes={max_bytes}")
-            writer = _ShardWriter(
-                cache_dir,
-                rank,
-                capacity,
-                num_logits,
-                (len(layers), max_length, hidden_size) if layers else None,
-                _STORAGE[dtype][1],
-            )
-        writer.write(idx, logits, hidden)
-    rows = writer.close() if writer is not None else 0
+            total = capacity * world
+            itemsize = _STORAGE[store][1]().itemsize if layers else 0
+            mean_tokens = float(np.mean([r.shape[0] for r in rows])) if layers and rows else 0.0
+            per_example = bytes_per_example(num_logits, mean_tokens, len(layers), hidden_size or 0, itemsize)
+            est = int(per_example * total)
+            if dist.is_main_process():
+                print(
+                    f"teacher cache: about {per_example:.0f} bytes per example (first batch: {mean_tokens:.1f} real "
+                    f"tokens x {len(layers)} layers x H {hidden_size} x {itemsize} B + logits), {est / 2**30:.3f} GiB "
+                    f"for N {total} in {cache_dir}",
+                    flush=True,
+                )
+            if max_bytes is not None and est > max_bytes:
+                raise ValueError(f"build_teacher_cache: estimated {est} bytes > max_bytes={max_bytes}")
+            writer = _ShardWriter(cache_dir, rank, capacity, bool(layers))
+        writer.write(idx, logits, rows)
+    sizes = writer.close() if writer is not None else {}
     # Ranks that saw no batch still need the shape information for the meta; take it from the others.
-    info = {"rows": rows, "num_logits": num_logits, "num_hidden_states": num_hidden_states, "hidden_size": hidden_size}
+    info = {
+        "rows": writer.rows if writer is not None else 0,
+        "files": sizes,
+        "num_logits": num_logits,
+        "num_hidden_states": num_hidden_states,
+        "hidden_size": hidden_size,
+        "dtype": _STORAGE[store][0] if store is not None else None,
+    }
     infos = [info]
     if world > 1:
         infos = [None] * world
         torch.distributed.all_gather_object(infos, info)
     if rank == 0:
-        _write_index_and_meta(cache_dir, infos, fp, fingerprint_parts, layers, dtype, max_length)
+        _write_index_and_meta(cache_dir, infos, fp, fingerprint_parts, layers, max_length)
     _barrier()
     return cache_dir
 
 
-def _write_index_and_meta(cache_dir, infos, fp, fingerprint_parts, layers, dtype, max_length) -> None:
+def _real_lengths(mask: Optional[torch.Tensor], B: int, T: int) -> List[int]:
+    """Real tokens per row of a right-padded batch (its attention mask), T each without a mask."""
+    if mask is None:
+        return [T] * B
+    mask = mask.detach().cpu()
+    lengths = mask.sum(1)
+    prefix = torch.arange(mask.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
+    if not torch.equal(mask.bool(), prefix):
+        raise ValueError("build_teacher_cache: the teacher's attention mask is not right-padded; the cache stores "
+                         "each row's first mask.sum() tokens")  # fmt: skip
+    return lengths.tolist()
+
+
+def _damaged_files(cache_dir: Path, meta: Mapping[str, Any]) -> List[str]:
+    """One line per shard file whose size differs from what meta.json recorded (truncated, grown or missing)."""
+    out = []
+    for name, size in sorted(meta.get("files", {}).items()):
+        path = cache_dir / name
+        have = path.stat().st_size if path.exists() else None
+        if have != size:
+            state = "is missing" if have is None else f"has {have} bytes, not the {size} it was written with"
+            out.append(f"{name} {state} (truncated or replaced)")
+    return out
+
+
+def _write_index_and_meta(cache_dir, infos, fp, fingerprint_parts, layers, max_length) -> None:
     ids, shards, rows = [], [], []
     for shard, info in enumerate(infos):
         n = info["rows"]
@@ -278,6 +349,7 @@ def _write_index_and_meta(cache_dir, infos, fp, fingerprint_parts, layers, dtype
     np.save(tmp, index)
     os.replace(tmp, cache_dir / "index.npy")
     first = next((i for i in infos if i["num_logits"] is not None), {})
+    files = {name: size for info in infos for name, size in info["files"].items()}
     meta = {
         "format": FORMAT_VERSION,
         "fingerprint": fp,
@@ -289,7 +361,9 @@ def _write_index_and_meta(cache_dir, infos, fp, fingerprint_parts, layers, dtype
         "num_hidden_states": first.get("num_hidden_states"),
         "hidden_size": first.get("hidden_size"),
         "max_length": int(max_length) if layers else None,
-        "dtype": _STORAGE[dtype][0],
+        "dtype": first.get("dtype"),
+        "files": files,
+        "bytes_per_example": round(sum(files.values()) / max(1, sum(int(i["rows"]) for i in infos)), 1),
     }
     _atomic_write_bytes(cache_dir / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode())
 
@@ -300,7 +374,7 @@ class CachedTeacher(Teacher):
     expected_fingerprint: the fingerprint parts (dict) or its :func:`fingerprint` hex; a mismatch raises.
     require_hidden_layers: layers the objective needs; raises at construction when the cache lacks one.
     Hidden states come back as a list over all hidden-state indices (None where not stored), each [B, T, H] with T
-    the batch's (teacher) sequence length (cropped, or zero-padded past the stored max_length), in ``dtype``.
+    the batch's (teacher) sequence length, zero past each example's real tokens (only those are stored), in ``dtype``.
     """
 
     output_attentions = False
@@ -342,27 +416,52 @@ class CachedTeacher(Teacher):
             raise ValueError(
                 f"CachedTeacher: hidden layers {missing} are not in the cache (it has {meta['hidden_layers']})"
             )
+        damaged = _damaged_files(self.cache_dir, meta)
+        if damaged:
+            raise ValueError(
+                f"CachedTeacher: damaged cache in {self.cache_dir}: {damaged[0]}; rebuild it with "
+                "build_teacher_cache(..., overwrite=True) or delete it"
+            )
         self.meta = meta
         self.dtype, self.device = dtype, device
         self.num_labels = meta["num_logits"]
         self.layers: List[int] = meta["hidden_layers"]
         self.output_hidden_states = bool(self.layers)
         self.index = np.load(self.cache_dir / "index.npy", mmap_mode="r")
-        store_dtype = torch.bfloat16 if meta["dtype"] == "bfloat16" else torch.float16
-        self._store_dtype = store_dtype
-        self._logits, self._hidden = [], []
+        self._store_dtype = _FROM_NAME[meta["dtype"]] if self.layers else None
+        self._logits, self._crc, self._tokens, self._hidden = [], [], [], []
         for shard, n in enumerate(meta["shard_rows"]):
             path = self.cache_dir / f"shard-{shard:05d}"
             if n == 0:
-                self._logits.append(None)
-                self._hidden.append(None)
+                for part in (self._logits, self._crc, self._tokens, self._hidden):
+                    part.append(None)
                 continue
             self._logits.append(np.memmap(f"{path}.logits.bin", np.float32, "r", shape=(n, meta["num_logits"])))
+            self._crc.append(np.memmap(f"{path}.crc.bin", np.uint32, "r", shape=(n,)))
             if self.layers:
-                shape = (n, len(self.layers), meta["max_length"], meta["hidden_size"])
-                self._hidden.append(np.memmap(f"{path}.hidden.bin", _STORAGE[store_dtype][1], "r", shape=shape))
+                tokens = np.fromfile(f"{path}.tokens.bin", np.int64)
+                shape = (int(tokens[-1]), len(self.layers), meta["hidden_size"])
+                self._tokens.append(tokens)
+                self._hidden.append(np.memmap(f"{path}.hidden.bin", _STORAGE[self._store_dtype][1], "r", shape=shape))
             else:
+                self._tokens.append(None)
                 self._hidden.append(None)
+
+    def _row(self, shard: int, row: int):
+        """(logits [C], hidden [len, L, H] or None) of one stored row, after checking its crc32."""
+        logits = np.asarray(self._logits[shard][row])
+        crc = zlib.crc32(logits.tobytes())
+        hidden = None
+        if self.layers:
+            tokens = self._tokens[shard]
+            hidden = np.asarray(self._hidden[shard][tokens[row] : tokens[row + 1]])
+            crc = zlib.crc32(hidden.tobytes(), crc)
+        if crc != int(self._crc[shard][row]):
+            raise ValueError(
+                f"CachedTeacher: corrupted cache in {self.cache_dir}: shard {shard} row {row} fails its crc32 check; "
+                "rebuild it with build_teacher_cache(..., overwrite=True) or delete it"
+            )
+        return logits, hidden
 
     def __len__(self) -> int:
         return len(self.index)
@@ -383,21 +482,21 @@ class CachedTeacher(Teacher):
             raise KeyError("CachedTeacher: the batch has no 'idx' (example id) entry")
         idx = batch["idx"].detach().cpu().numpy().astype(np.int64).reshape(-1)
         loc = self._locate(idx)
-        logits = np.stack([self._logits[s][r] for _, s, r in loc])
-        out_logits = torch.from_numpy(logits).float()
+        rows = [self._row(int(sh), int(r)) for _, sh, r in loc]
+        out_logits = torch.from_numpy(np.stack([lg for lg, _ in rows])).float()
         hidden = None
         if self.layers:
             T = teacher_inputs(batch)["input_ids"].shape[1]
-            T_stored = self.meta["max_length"]
-            rows = np.stack([self._hidden[s][r, :, : min(T, T_stored)] for _, s, r in loc])  # [B, L, T', H]
-            h = torch.from_numpy(rows)
-            h = h.view(torch.bfloat16) if self._store_dtype == torch.bfloat16 else h
+            H = self.meta["hidden_size"]
+            h = torch.zeros(len(rows), T, len(self.layers), H, dtype=self._store_dtype)  # past a row's tokens: 0
+            for b, (_, row) in enumerate(rows):
+                n = min(T, row.shape[0])
+                stored = torch.from_numpy(row[:n].copy())
+                h[b, :n] = stored.view(torch.bfloat16) if self._store_dtype == torch.bfloat16 else stored
             h = h.to(self.dtype)
-            if T > T_stored:
-                h = torch.nn.functional.pad(h, (0, 0, 0, T - T_stored))
             hidden = [None] * self.meta["num_hidden_states"]
             for j, i in enumerate(self.layers):
-                hidden[i] = h[:, j]
+                hidden[i] = h[:, :, j]
         out = TeacherOutput(logits=out_logits, hidden_states=hidden)
         return out.to(self.device) if self.device is not None else out
 

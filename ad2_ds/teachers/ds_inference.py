@@ -3,6 +3,8 @@
     dist.init_distributed()
     teacher = DeepSpeedTeacher(model, tp_size=2, dtype=torch.bfloat16, output_hidden_states=True)
     out = teacher(batch)       # every rank passes its own data-parallel micro-batch; gets back its own rows
+    teacher = DeepSpeedTeacher.from_pretrained("teachers/bert-large-mnli", tp_size=2, dtype=torch.bfloat16)
+                               # each rank loads only its own shards from safetensors (see sharded.py)
 
 Ranks are grouped in consecutive blocks of ``tp_size`` (world 4, tp 2: {0, 1} and {2, 3}); each block holds one
 sharded copy of the teacher. A TP group must run the teacher on identical inputs (otherwise the all-reduces mix
@@ -13,6 +15,11 @@ compared across the group (all_reduce MIN and MAX) and a mismatch raises.
 
 Attention maps: AutoTP leaves each rank only its own heads; they are all-gathered along the head dim, so the returned
 attentions are complete ([B, heads, T, T]) and equal the unsharded model's.
+
+Per-head parameters AutoTP leaves whole (MPNet's relative-position bias, shared by all layers) are sliced to the rank's
+heads after sharding (:func:`~ad2_ds.teachers.sharded.shard_head_parameters`). Decoder classifiers (Llama, Qwen2,
+Mistral) need right padding and a pad id in their config (:mod:`ad2_ds.teachers.decoder`); left-padded batches are
+refused.
 
 The teacher's collectives run on process groups of its own (``dist.new_group``), never the default group, so a
 :class:`~ad2_ds.teachers.stream.StreamingTeacher` can run it in a background thread while the student's engine
@@ -26,8 +33,16 @@ import torch.distributed as tdist
 
 from .. import dist
 from ..modeling import accepted_inputs
+from . import sharded
 from .base import Teacher, TeacherOutput
+from .decoder import check_decoder_padding, is_decoder_classifier
 from .local import check_attn_implementation, freeze, model_inputs
+
+# Model types whose AutoTP sharding was measured to differ from the unsharded model (issue 14, docs/RESULTS.md)
+UNSHARDABLE = {
+    "deberta-v2": "a tiny random DeBERTa-v2 at tp_size=2 differs by 3e-3 in its last hidden state in fp32, whether "
+    "loaded shard by shard or sharded whole",
+}
 
 
 class _TPGroup:
@@ -139,12 +154,22 @@ class DeepSpeedTeacher(Teacher):
                 f"DeepSpeedTeacher: tp_size={tp_size} must divide the teacher's {heads} attention heads "
                 "(AutoTP shards whole heads)"
             )
-        if tp_size > 1 and any("relative_attention_bias" in name for name, _ in model.named_modules()):
-            # MPNet-style: one relative-position bias for all heads, computed outside the attention modules that
-            # AutoTP shards; the forward would fail at the first batch with a head-count mismatch.
+        kv_heads = getattr(model.config, "num_key_value_heads", None)
+        if kv_heads is not None and kv_heads % tp_size != 0:
             raise ValueError(
-                f"DeepSpeedTeacher: {type(model).__name__} adds a relative-position bias over all heads that AutoTP "
-                "does not shard; run this teacher with tp_size=1 (--teacher_tp_size 1)"
+                f"DeepSpeedTeacher: tp_size={tp_size} must divide the teacher's {kv_heads} key/value heads "
+                "(grouped-query attention: AutoTP shards whole key/value heads)"
+            )
+        if tp_size > 1 and getattr(model.config, "model_type", None) in UNSHARDABLE:
+            raise ValueError(
+                f"DeepSpeedTeacher: {type(model).__name__} under AutoTP does not match the unsharded model "
+                f"({UNSHARDABLE[model.config.model_type]}); run this teacher with tp_size=1 (--teacher_tp_size 1)"
+            )
+        if is_decoder_classifier(model) and getattr(model.config, "pad_token_id", None) is None:
+            raise ValueError(
+                f"DeepSpeedTeacher: {type(model).__name__} pools the last token that is not the pad token, but its "
+                "config has no pad_token_id; call ad2_ds.teachers.decoder.prepare_decoder_teacher(tokenizer, "
+                "model.config) first"
             )
         self.tp_size = tp_size
         if tp_size == 1:
@@ -162,6 +187,13 @@ class DeepSpeedTeacher(Teacher):
                 replace_with_kernel_inject=False,
                 **init_inference_kwargs,
             )
+        if tp_size > 1 and heads is not None:
+            sharded.shard_head_parameters(self.engine.module, tdist.get_rank(self.group), tp_size, heads)
+        left_on_meta = sharded.meta_tensors(self.engine.module)
+        if left_on_meta:
+            raise RuntimeError(
+                f"DeepSpeedTeacher: {len(left_on_meta)} tensors were never loaded (still on meta: {left_on_meta[:3]})"
+            )
         self.device = torch.device(get_accelerator().current_device_name())
         self.output_hidden_states = output_hidden_states
         self.output_attentions = output_attentions
@@ -173,6 +205,65 @@ class DeepSpeedTeacher(Teacher):
             pad_token_id = getattr(model.config, "pad_token_id", None)
         self.pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
         self._accepted = accepted_inputs(model)
+        self._decoder = is_decoder_classifier(model)
+        self.loaded = "whole"  # "shards": each rank read only its own from the checkpoint (from_pretrained)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path,
+        tp_size: Optional[int] = None,
+        dtype: torch.dtype = torch.float32,
+        num_labels: Optional[int] = None,
+        attn_implementation: Optional[str] = None,
+        trust_remote_code: bool = False,
+        pad_token_id: Optional[int] = None,
+        scratch_dir=None,
+        **kwargs,
+    ) -> "DeepSpeedTeacher":
+        """A TP teacher loaded from a safetensors checkpoint folder shard by shard: each rank builds an empty skeleton
+        (parameters on meta) and DeepSpeed fills only that rank's shards, one checkpoint file at a time, so no rank
+        ever holds the whole model (see :mod:`ad2_ds.teachers.sharded`).
+
+        Before loading, the checkpoint's keys must cover the skeleton (one clear line otherwise) and ``.bin``
+        checkpoints are refused. After loading, no parameter or buffer may be left on meta. A model with a parameter
+        DeepSpeed's loader does not fill is loaded whole instead (a warning names it), as is any model at tp_size 1.
+        pad_token_id: the teacher's pad id when its config has none (decoders: the tokenizer's, after
+            :func:`~ad2_ds.teachers.decoder.prepare_decoder_teacher`); written into the config.
+        scratch_dir: where a bridge file goes when a module's tensors span two checkpoint files (default: a temp dir).
+        kwargs: the other :class:`DeepSpeedTeacher` arguments.
+        """
+        import logging
+        import tempfile
+
+        from transformers import AutoModelForSequenceClassification
+
+        dist.init_distributed()
+        group = kwargs.get("group")
+        size = tp_size or (dist.get_world_size(group) if group is not None else dist.get_world_size())
+        config_kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        files = sharded.checkpoint_files(path) if int(size) > 1 else None
+        model = sharded.empty_classifier(path, num_labels, trust_remote_code, **config_kwargs)
+        if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = int(pad_token_id)
+        blocker = sharded.sharded_load_blocker(model) if files else None
+        if files and blocker is None:
+            sharded.check_keys_cover(model, files, path)
+            with tempfile.TemporaryDirectory(dir=scratch_dir) as scratch:
+                ckpt = sharded.ds_checkpoint_kwargs(path, files, scratch)
+                teacher = cls(model, tp_size=tp_size, dtype=dtype, pad_token_id=pad_token_id, **ckpt, **kwargs)
+                teacher.loaded = "shards"
+                return teacher
+        if blocker is not None:
+            logging.getLogger(__name__).warning(
+                "DeepSpeedTeacher.from_pretrained: %s is loaded whole on every rank, then sharded: %s",
+                path,
+                blocker,
+            )
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, trust_remote_code=trust_remote_code, config=model.config, **config_kwargs
+        )
+        return cls(model, tp_size=tp_size, dtype=dtype, pad_token_id=pad_token_id, **kwargs)
 
     def _gather_heads(self, attn: torch.Tensor) -> torch.Tensor:
         # attn: [B, heads / tp, T, T] -> [B, heads, T, T]; AutoTP gives group rank r the r-th contiguous block.
@@ -186,6 +277,8 @@ class DeepSpeedTeacher(Teacher):
         info = None
         if self.group is not None and self.gather_inputs:
             inputs, info = dist.gather_batches(inputs, self.group, pad_values={"input_ids": self.pad_token_id})
+        if self._decoder:
+            check_decoder_padding(inputs.get("attention_mask"))
         if self.group is not None and self.verify_inputs:
             check_identical_inputs(inputs, self.group)
         out = self.engine(

@@ -7,8 +7,15 @@
 Local (one rank's own copy), tensor-parallel (DeepSpeed inference, ``tp_size > 1``), a cache of precomputed outputs
 (``cache_dir``, built on first use from ``cache_data``), or hosted on other ranks (``layout``; the teacher ranks call
 :func:`serve_hosted_teacher`). The tensor-parallel teacher is built in exactly one place, :func:`live_teacher`.
+
+Given a :class:`TeacherSource` (the teacher's checkpoint folder), a tensor-parallel teacher (``tp_size > 1``, or the
+hosted layout's teacher ranks when several) is loaded with
+:meth:`~ad2_ds.teachers.ds_inference.DeepSpeedTeacher.from_pretrained`: each rank reads only its own shards from the
+safetensors files, and no rank builds the whole model first (``model`` may then be None). At tp_size 1 the model is
+run as given.
 """
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Tuple
@@ -18,6 +25,7 @@ import torch
 from ..config import ConfigError
 from .base import Teacher
 
+logger = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -46,6 +54,19 @@ class TeacherPlacement:
 
 
 @dataclass(frozen=True)
+class TeacherSource:
+    """Where a tensor-parallel teacher is loaded from, shard by shard: its checkpoint folder (safetensors) and the
+    settings of its ``from_pretrained``. pad_token_id: a decoder teacher's pad id (its tokenizer's, after
+    :func:`~ad2_ds.teachers.decoder.prepare_decoder_teacher`), written into its config when that has none."""
+
+    path: str
+    num_labels: Optional[int] = None
+    attn_implementation: Optional[str] = None
+    trust_remote_code: bool = False
+    pad_token_id: Optional[int] = None
+
+
+@dataclass(frozen=True)
 class CacheData:
     """What a cache is built from and keyed by: the tokenized training set, its collator, and the fingerprint parts."""
 
@@ -54,15 +75,40 @@ class CacheData:
     parts: Mapping[str, Any]
 
 
-def live_teacher(model, needs: TeacherNeeds, dtype: str = "fp32", tp_size: int = 1, group=None) -> Teacher:
-    """The model run in this process: tensor-parallel over ``tp_size`` ranks (or over ``group``), else local."""
+def live_teacher(
+    model,
+    needs: TeacherNeeds,
+    dtype: str = "fp32",
+    tp_size: int = 1,
+    group=None,
+    source: Optional[TeacherSource] = None,
+) -> Teacher:
+    """The model run in this process: tensor-parallel over ``tp_size`` ranks (or over ``group``), else local. With a
+    ``source``, a tensor-parallel teacher is loaded from its checkpoint shard by shard (``model`` is not used and may
+    be None)."""
     from .ds_inference import DeepSpeedTeacher
     from .local import LocalTeacher
 
     kinds = dict(output_hidden_states=needs.hidden_states, output_attentions=needs.attentions)
     if tp_size > 1 or group is not None:
         tp = dict(group=group) if group is not None else dict(tp_size=tp_size)
+        if source is not None:
+            logger.info("teacher: %s loaded shard by shard (DeepSpeedTeacher.from_pretrained)", source.path)
+            return DeepSpeedTeacher.from_pretrained(
+                source.path,
+                dtype=DTYPES[dtype],
+                num_labels=source.num_labels,
+                attn_implementation=source.attn_implementation,
+                trust_remote_code=source.trust_remote_code,
+                pad_token_id=source.pad_token_id,
+                **tp,
+                **kinds,
+            )
+        if model is None:
+            raise ValueError("live_teacher: a tensor-parallel teacher needs a model or a TeacherSource to load from")
         return DeepSpeedTeacher(model, dtype=DTYPES[dtype], **tp, **kinds)
+    if model is None:
+        raise ValueError("live_teacher: at tp_size 1 the teacher is run as given, so it needs the model")
     return LocalTeacher(model, dtype=DTYPES[dtype], **kinds)
 
 
@@ -72,13 +118,18 @@ def build_teacher(
     placement: TeacherPlacement,
     num_labels: Optional[int] = None,
     cache_data: Optional[CacheData] = None,
+    source: Optional[TeacherSource] = None,
+    live: Optional[Teacher] = None,
 ) -> Teacher:
-    """The teacher a student rank calls, behind the one interface (see the module docstring)."""
+    """The teacher a student rank calls, behind the one interface (see the module docstring). source: load a
+    tensor-parallel teacher shard by shard (:func:`live_teacher`); live: a live teacher already built (by
+    :func:`live_teacher`), used instead of building another."""
     if placement.layout is not None:
         from .hosted import connect_hosted_teacher
 
         return connect_hosted_teacher(placement.layout, needs.hidden_layers, num_labels, needs.attentions)
-    live = live_teacher(model, needs, placement.dtype, placement.tp_size)
+    if live is None:
+        live = live_teacher(model, needs, placement.dtype, placement.tp_size, source=source)
     if not placement.cache_dir:
         return live
     return open_or_build_cache(live, needs, placement, cache_data)
@@ -107,11 +158,30 @@ def open_or_build_cache(live: Teacher, needs: TeacherNeeds, placement: TeacherPl
     return CachedTeacher(cache_dir, data.parts, require_hidden_layers=need)
 
 
-def serve_hosted_teacher(model, needs: TeacherNeeds, placement: TeacherPlacement) -> dict:
-    """A teacher rank of the hosted layout: the teacher, tensor-parallel over all teacher ranks when several, serves
-    until every student closed; returns the serving stats."""
+def serve_hosted_teacher(
+    model, needs: TeacherNeeds, placement: TeacherPlacement, source: Optional[TeacherSource] = None
+) -> dict:
+    """A teacher rank of the hosted layout: the teacher, tensor-parallel over all teacher ranks when several (loaded
+    shard by shard from ``source`` when given), serves until every student closed; returns the serving stats."""
     from .hosted import serve_hosted
 
     layout = placement.layout
     group = layout.teacher_group if len(layout.teacher_ranks) > 1 else None
-    return serve_hosted(live_teacher(model, needs, placement.dtype, group=group), layout)
+    return serve_hosted(live_teacher(model, needs, placement.dtype, group=group, source=source), layout)
+
+
+class TeacherModel(torch.nn.Module):
+    """A live teacher seen as a classifier (``model(**inputs).logits``), so a tensor-parallel teacher that was never
+    built whole can be evaluated like a model (:func:`ad2_ds.trainer.evaluate`, ``measure_latency``). Every rank of
+    its TP group must call it equally often (``predict`` does); it gathers the group's rows itself."""
+
+    def __init__(self, teacher: Teacher, config):
+        super().__init__()
+        self.teacher, self.config = teacher, config
+        self.device = getattr(teacher, "device", None) or torch.device("cpu")
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None):
+        from types import SimpleNamespace
+
+        batch = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        return SimpleNamespace(logits=self.teacher({k: v for k, v in batch.items() if v is not None}).logits)
