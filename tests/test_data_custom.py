@@ -240,3 +240,11 @@ def test_student_config_carries_the_labels(tmp_path):
     student.save_pretrained(tmp_path / "s")
     config = AutoConfig.from_pretrained(tmp_path / "s")
     assert config.id2label == {0: "neg", 1: "neutral", 2: "pos"} and config.label2id["pos"] == 2
+
+
+def test_custom_spec_is_neither_glue_nor_offline(tmp_path):
+    from ad2_ds.data.tasks import GLUE_TASKS, OFFLINE_TASKS, get_task
+
+    spec = _spec(tmp_path)
+    assert spec.is_custom and not spec.is_offline
+    assert not any(get_task(name).is_custom for name in GLUE_TASKS + OFFLINE_TASKS)

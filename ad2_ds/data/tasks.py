@@ -91,7 +91,12 @@ class TaskSpec:
     @property
     def is_offline(self) -> bool:
         """True for the tasks built from PyPI-packaged text (:mod:`ad2_ds.data.offline`)."""
-        return self.hf_name is None
+        return self.hf_name is None and not self.is_custom
+
+    @property
+    def is_custom(self) -> bool:
+        """True for a user's own data (:mod:`ad2_ds.data.custom`): no TSV layout, loaded by ``load_custom_task``."""
+        return self.tsv is None
 
     @property
     def splits(self) -> Tuple[str, ...]:
