@@ -26,10 +26,11 @@ reached. Texts longer than a model takes are not an error: :func:`~ad2_ds.data.g
 counts them.
 """
 
+import dataclasses
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -87,6 +88,7 @@ class CustomData:
     task_type: Optional[str] = None
     main_metric: Optional[str] = None
     name: Optional[str] = None
+    check_files: bool = field(default=True, compare=False, repr=False)  # False: the options only, not the files
 
     def __post_init__(self):
         object.__setattr__(self, "text_columns", tuple(self.text_columns or ()))
@@ -102,7 +104,7 @@ class CustomData:
                 suffix = Path(path).suffix.lower()
                 if suffix not in FORMATS:
                     raise DataError(f"--{flag} {path}: unknown format {suffix!r}; use one of {', '.join(FORMATS)}")
-                if not Path(path).is_file():
+                if self.check_files and not Path(path).is_file():
                     raise DataError(f"--{flag} {path}: no such file")
         elif self.dataset_config_name is not None and not self.dataset_config_name:
             raise DataError("--dataset_config_name is empty")
@@ -119,6 +121,24 @@ class CustomData:
         out = {"train": self.train_file, "dev": self.validation_file, "test": self.test_file}
         return {k: v for k, v in out.items() if v}
 
+    def fingerprint(self) -> str:
+        """A hash of what a model trained on this data depends on: the train and validation files' bytes (or the hub
+        dataset's name and configuration) and the column, task-type and metric options. The test file is left out:
+        nothing is trained or chosen on it."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for key in ("dataset_name", "dataset_config_name", "text_columns", "label_column", "task_type", "main_metric"):
+            h.update(f"{key}={getattr(self, key)!r};".encode())
+        for split in ("train", "dev"):
+            path = self.files.get(split)
+            if path:
+                h.update(f"{split}:".encode())
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+        return h.hexdigest()[:16]
+
     def task_name(self) -> str:
         if self.name:
             return self.name
@@ -129,8 +149,62 @@ class CustomData:
 
 def load_custom_task(data: CustomData) -> Tuple[TaskSpec, "datasets.DatasetDict"]:  # noqa: F821
     """The task's spec and its labelled splits (``train``, ``dev``[, ``test``]) in :func:`load_task`'s form."""
+    if not data.check_files:
+        data = dataclasses.replace(data, check_files=True)
     splits = _read_hub(data) if data.dataset_name else {s: (p, _read_file(p, s)) for s, p in data.files.items()}
     return build_task(data, splits)
+
+
+def check_custom_files(data: CustomData) -> None:
+    """The cheap checks, before anything is loaded: each file exists, is UTF-8 and has the text and label columns
+    (read from its header: a csv/tsv's first line, a jsonl's first record, a parquet schema; a .json file is only
+    checked when it is read). A hub dataset is checked when it is read. Raises :class:`DataError`."""
+    if data.dataset_name:
+        return
+    data = dataclasses.replace(data, check_files=True)  # missing files and unknown formats
+    text_cols = label_col = None
+    for split, path in data.files.items():
+        if Path(path).stat().st_size == 0:
+            raise DataError(f"{path} has no examples: the {split} split is empty")
+        if FORMATS[Path(path).suffix.lower()][0] != "parquet":
+            check_utf8(path)
+        columns = peek_columns(path)
+        if columns is None:
+            continue
+        if text_cols is None and split == "train":
+            text_cols, label_col = resolve_columns(data, path, columns)
+        if text_cols is not None:
+            missing = [c for c in (*text_cols, label_col) if c not in columns]
+            if missing:
+                raise DataError(f"{path}: no column {missing[0]!r}; its columns are {list(columns)}")
+
+
+def peek_columns(path: PathLike) -> Optional[List[str]]:
+    """A file's column names from its first line or schema; None where that takes reading the file (.json)."""
+    import csv
+    import json
+
+    suffix = Path(path).suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            header = next(csv.reader(f, delimiter="\t" if suffix == ".tsv" else ","), None)
+        return header or None
+    if suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            line = next((ln for ln in f if ln.strip()), None)
+        try:
+            record = json.loads(line) if line else None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: its first record is not JSON: {_one_line(e)}") from None
+        return list(record) if isinstance(record, dict) else None
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return list(pq.read_schema(path).names)
+        except Exception as e:  # pyarrow raises several types for a bad file
+            raise DataError(f"{path}: could not read it as parquet: {_one_line(e)}") from e
+    return None
 
 
 def _read_file(path: PathLike, split: str) -> "datasets.Dataset":  # noqa: F821
@@ -142,12 +216,17 @@ def _read_file(path: PathLike, split: str) -> "datasets.Dataset":  # noqa: F821
     builder, options = FORMATS[path.suffix.lower()]
     if builder != "parquet":
         check_utf8(path)
+    quiet = datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # a user's file is read in a blink: no bars around a bad-data error line
     try:
         return datasets.load_dataset(builder, data_files={"train": str(path)}, split="train", **options)
     except Exception as e:  # pandas/pyarrow parse errors come in many types: one line naming the file for all
         if "corresponds to no data" in str(e):  # a header and no rows
             raise DataError(f"{path} has no examples: the {split} split is empty") from None
         raise DataError(f"{path}: could not read it as {path.suffix[1:]}: {_one_line(e)}") from e
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
 
 
 def check_utf8(path: PathLike) -> None:
