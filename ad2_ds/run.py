@@ -87,6 +87,8 @@ class DataConfig:
         object.__setattr__(self, "text_column", _columns(self.text_column or ()))
         if self.is_custom:
             self.custom()  # the data options checked together (files are looked at by check_run)
+            if self.data_dir:
+                raise ConfigError("data_dir", "is for GLUE-format tasks: with train_file / dataset_name drop it")
         elif any((self.validation_file, self.test_file, self.text_column, self.label_column, self.task_type,
                   self.metric, self.dataset_config_name)):  # fmt: skip
             raise ConfigError("train_file", "(or dataset_name) is needed for the other options of your own data")

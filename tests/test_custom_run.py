@@ -77,6 +77,8 @@ def test_flags_take_the_users_data(own_data):
         DataConfig(label_column="label")  # an own-data option without own data
     with pytest.raises(DataError, match="--validation_file"):
         DataConfig(train_file=str(files["train"]))
+    with pytest.raises(ValueError, match="data_dir is for GLUE-format tasks"):
+        DataConfig(train_file=str(files["train"]), validation_file=str(files["dev"]), data_dir="glue")
     with pytest.raises(DataError, match="unknown format"):
         DataConfig(train_file="a.xlsx", validation_file="b.csv")
     from ad2_ds.flags import teacher_neutral_flags
