@@ -1,4 +1,5 @@
-"""The default teacher: all-MiniLM-L6-v2 fine-tuned on the task once, kept in the cache, reused by later runs.
+"""The default teacher: all-MiniLM-L6-v2 fine-tuned on the task (or the user's own data) once, kept in the cache,
+reused by later runs.
 
     path = ensure_default_teacher(config, task, ds_config)   # every rank; the first run fine-tunes
 
@@ -13,6 +14,12 @@ from .config import AD2Config
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 MONITORS = ("csv_monitor", "tensorboard", "wandb", "comet")
+# The user's own data as the teacher is fine-tuned on it; not the test file (the student run scores the teacher on
+# it), so the cached teacher depends only on what trains and chooses it.
+CUSTOM_DATA_FIELDS = (
+    "train_file", "validation_file", "dataset_name", "dataset_config_name", "text_column", "label_column",
+    "task_type", "metric",
+)  # fmt: skip
 
 
 def default_teacher_dir(config, task) -> str:
@@ -30,6 +37,8 @@ def default_teacher_dir(config, task) -> str:
     )
     if data.data_dir:
         key += "-" + os.path.abspath(data.data_dir).strip("/").replace("/", "_")
+    if data.is_custom:  # the user's own data: keyed by its content, so two different CSVs never share a teacher
+        key += "-data" + data.custom(check_files=True).fingerprint()
     return str(cache_root() / "teachers" / key)
 
 
@@ -52,6 +61,7 @@ def finetune_config(config, run_dir: str, ds_config: dict):
             data_dir=data.data_dir,
             max_seq_length=data.max_seq_length,
             max_train_samples=data.max_train_samples,
+            **{f: getattr(data, f) for f in CUSTOM_DATA_FIELDS},
         ),
         student=DEFAULT_MODEL,
         objective=AD2Config(method="finetune"),

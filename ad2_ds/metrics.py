@@ -3,7 +3,8 @@
 Keys are the ones GLUE reports (values as fractions, not percent):
 
 - accuracy: every classification task;
-- f1 (of class 1, the positive class) and accuracy: MRPC, QQP, sms-spam (class 1 = spam);
+- f1 (of class 1, the positive class) and accuracy: MRPC, QQP, sms-spam (class 1 = spam), two-class custom data;
+- macro_f1 (the unweighted mean of every class's F1) and accuracy: custom data with three or more classes;
 - matthews_correlation: CoLA;
 - pearson and spearmanr: STS-B, movie-valence.
 
@@ -64,6 +65,9 @@ def compute_metrics(spec: TaskSpec, predictions, labels) -> Dict[str, float]:
             out[name] = float(accuracy_score(labels, preds))
         elif name == "f1":
             out[name] = float(f1_score(labels, preds, pos_label=1, average="binary", zero_division=0.0))
+        elif name == "macro_f1":
+            classes = list(range(spec.num_labels))
+            out[name] = float(f1_score(labels, preds, labels=classes, average="macro", zero_division=0.0))
         elif name == "matthews_correlation":
             out[name] = float(matthews_corrcoef(labels, preds))
         elif name == "pearson":

@@ -99,6 +99,18 @@ class AD2Objective(nn.Module):
             self._pool_last_t = pools_last_token(teacher_config)
             self._build_matches(num_layers(teacher_config))
 
+    def use_engine(self, engine) -> None:
+        """From now on run the student through ``engine``, a DeepSpeed engine built around this objective's student
+        after the objective (the transformers Trainer builds its engine late: :class:`ad2_ds.hf.AD2Trainer`)."""
+        if unwrap_model(engine) is not self.student:
+            raise ValueError("use_engine: the engine does not wrap this objective's student")
+        self.__dict__["_forward_s"] = engine
+
+    @property
+    def engine(self):
+        """The DeepSpeed engine the student runs through, or None."""
+        return self._forward_s
+
     @property
     def zero3_partitioned(self) -> bool:
         """ZeRO-3 releases a module's gathered weights after the first backward through it, so the clean graph

@@ -34,12 +34,40 @@ def _ranks(spec) -> Tuple[int, ...]:
     return parse_ranks(spec)
 
 
+def _columns(spec) -> Tuple[str, ...]:
+    """``"q,doc"`` (or a list) -> ``("q", "doc")``: one text column, or two for sentence pairs."""
+    if isinstance(spec, str):
+        spec = spec.split(",")
+    return tuple(c.strip() for c in spec if c.strip())
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    """Which data a run trains and evaluates on. Users' own files (train/validation/test files, a dataset name, the
-    text and label columns) belong here too: :func:`load_data` is where their loader slots in."""
+    """Which data a run trains and evaluates on: a registered task (GLUE or offline), or the user's own labelled
+    data (``train_file`` + ``validation_file`` [+ ``test_file``], or ``dataset_name``; read by
+    :mod:`ad2_ds.data.custom`, which then replaces ``task``)."""
 
     task: str = setting("movie-polarity", "a GLUE task (sst2, mnli, ...) or an offline task")
+    train_file: Optional[str] = setting(
+        None, "your own data: training file (csv, tsv, json, jsonl, parquet); replaces --task"
+    )
+    validation_file: Optional[str] = setting(None, "your own data: labelled file that picks the best student")
+    test_file: Optional[str] = setting(
+        None, "your own data: labelled file the best student is scored on once", teacher_outputs=False
+    )
+    dataset_name: Optional[str] = setting(None, "your own data: a Hugging Face hub dataset instead of files")
+    dataset_config_name: Optional[str] = setting(None, "the hub dataset's configuration")
+    text_column: Tuple[str, ...] = setting(
+        (), "your own data: the text column, or two (A,B) for pairs; default: a guess", parse=_columns,
+        metavar="COL[,COL]",
+    )  # fmt: skip
+    label_column: Optional[str] = setting(None, "your own data: the label column; default: label or labels")
+    task_type: Optional[str] = setting(
+        None, "your own data: default: float labels are a regression", choices=("classification", "regression")
+    )
+    metric: Optional[str] = setting(
+        None, "your own data: the metric that picks the best student; default: accuracy (spearmanr: regression)"
+    )
     data_dir: Optional[str] = setting(
         None, "GLUE-format data dir; default: HF datasets for GLUE, the packaged suite offline"
     )
@@ -56,6 +84,14 @@ class DataConfig:
     )
 
     def __post_init__(self):
+        object.__setattr__(self, "text_column", _columns(self.text_column or ()))
+        if self.is_custom:
+            self.custom()  # the data options checked together (files are looked at by check_run)
+            if self.data_dir:
+                raise ConfigError("data_dir", "is for GLUE-format tasks: with train_file / dataset_name drop it")
+        elif any((self.validation_file, self.test_file, self.text_column, self.label_column, self.task_type,
+                  self.metric, self.dataset_config_name)):  # fmt: skip
+            raise ConfigError("train_file", "(or dataset_name) is needed for the other options of your own data")
         if self.max_seq_length < 8:
             raise ConfigError("max_seq_length", f"must be >= 8, got {self.max_seq_length}")
         if self.max_train_samples < 0 or self.max_eval_samples < 0:
@@ -64,6 +100,29 @@ class DataConfig:
             raise ConfigError("augment_copies", f"must be >= 0, got {self.augment_copies}")
         if not 0.0 < self.augment_alpha <= 1.0:
             raise ConfigError("augment_alpha", f"must be in (0, 1], got {self.augment_alpha}")
+
+    @property
+    def is_custom(self) -> bool:
+        """True for the user's own data (files or a hub dataset) rather than a registered task."""
+        return bool(self.train_file or self.dataset_name)
+
+    def custom(self, check_files: bool = False):
+        """The user's data options as :class:`ad2_ds.data.custom.CustomData` (check_files: also that the files
+        exist and are readable); raises :class:`~ad2_ds.data.custom.DataError`."""
+        from .data.custom import CustomData
+
+        return CustomData(
+            train_file=self.train_file,
+            validation_file=self.validation_file,
+            test_file=self.test_file,
+            dataset_name=self.dataset_name,
+            dataset_config_name=self.dataset_config_name,
+            text_columns=self.text_column,
+            label_column=self.label_column,
+            task_type=self.task_type,
+            main_metric=self.metric,
+            check_files=check_files,
+        )
 
 
 @dataclass(frozen=True)
@@ -187,7 +246,13 @@ def check_run(config: RunConfig, world_size: int) -> dict:
     from .data.tasks import get_task
     from .dsconfig import check_ds_config, load_ds_config
 
-    get_task(config.data.task)
+    data = config.data
+    if data.is_custom:
+        from .data.custom import check_custom_files
+
+        check_custom_files(data.custom())  # files, formats, UTF-8, columns: labels are checked when read
+    else:
+        get_task(data.task)
     ranks = config.teacher_ranks
     student_world = world_size
     if ranks:
@@ -212,7 +277,6 @@ def check_run(config: RunConfig, world_size: int) -> dict:
             raise ConfigError("teacher", f"{config.teacher}: {e}") from None
     if config.teacher_dtype == "fp16" and not torch.cuda.is_available():
         raise ConfigError("teacher_dtype", "fp16 needs a GPU; on CPU use bf16")
-    data = config.data
     if data.data_dir and not os.path.isdir(data.data_dir):
         raise ConfigError("data_dir", f"{data.data_dir} is not a directory: point it at the GLUE data folder")
     if data.augment_copies:
@@ -245,18 +309,25 @@ def check_run(config: RunConfig, world_size: int) -> dict:
 def load_data(data: DataConfig, rank_zero_first: bool = True):
     """``(task, splits)``: the task's spec and its raw-text splits: train (the fixed low-resource subset, plus its
     augmented copies), every dev split, and the test split when the task has one. Rank 0 reads and augments first and
-    fills the datasets cache, the others then read it. (A user's own files would be read here, into a TaskSpec.)"""
+    fills the datasets cache, the others then read it. The user's own data (``data.is_custom``) is read by
+    :func:`ad2_ds.data.custom.load_custom_task` into a TaskSpec of its own (splits train, dev[, test]); bad data
+    raises :class:`~ad2_ds.data.custom.DataError` here, before any model is loaded."""
     import torch.distributed as dist
 
     from .data.glue import load_task
     from .data.tasks import get_task
     from .dist import get_rank
 
-    task = get_task(data.task)
     first = rank_zero_first and dist.is_initialized()
     if first and get_rank() != 0:
         dist.barrier()
-    raw = load_task(task, data.data_dir)
+    if data.is_custom:
+        from .data.custom import load_custom_task
+
+        task, raw = load_custom_task(data.custom(check_files=True))
+    else:
+        task = get_task(data.task)
+        raw = load_task(task, data.data_dir)
     train_raw = raw["train"]
     if data.max_train_samples and data.max_train_samples < len(train_raw):
         # A fixed subset (seed 0), the same for every method and seed: low-resource comparisons stay paired.
@@ -280,13 +351,18 @@ def load_data(data: DataConfig, rank_zero_first: bool = True):
     return task, splits
 
 
-def classifier_config(path, num_labels, trust_remote_code, role):
+def classifier_config(path, num_labels, trust_remote_code, role, task=None):
     """The checkpoint's config, checked for the task (see :func:`load_classifier`); reads no weights."""
     from transformers import AutoConfig
 
+    custom = task is not None and task.is_custom
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
-    if has_head and config.num_labels != num_labels:
+    if custom and has_head and role == "teacher":
+        from .data.custom import match_teacher_labels
+
+        match_teacher_labels(config, task)
+    elif has_head and config.num_labels != num_labels:
         raise ValueError(f"{role} {path} predicts {config.num_labels} labels but the task has {num_labels}")
     if role == "teacher" and not has_head:
         raise ValueError(
@@ -296,16 +372,43 @@ def classifier_config(path, num_labels, trust_remote_code, role):
     return config
 
 
-def load_classifier(path, num_labels, eager, trust_remote_code, role):
+def load_classifier(path, num_labels, eager, trust_remote_code, role, task=None):
     """A sequence classifier for the task. A teacher must already have a trained head of the task's size; a student
-    may start from a base checkpoint (a new head is made)."""
+    may start from a base checkpoint (a new head is made).
+
+    For the user's own data (``task.is_custom``) a teacher's labels are checked by name instead
+    (:func:`ad2_ds.data.custom.match_teacher_labels`: the same names in another order are remapped, unnamed
+    ``LABEL_k`` map by position with a warning, another label set is an error) and its head is put in the data's
+    order; a student gets the data's ``id2label`` / ``label2id``, so its saved config.json names the labels."""
     from transformers import AutoModelForSequenceClassification
 
-    classifier_config(path, num_labels, trust_remote_code, role)
+    custom = task is not None and task.is_custom
+    classifier_config(path, num_labels, trust_remote_code, role, task)
     kwargs = {"attn_implementation": "eager"} if eager else {}
-    return AutoModelForSequenceClassification.from_pretrained(
+    model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=num_labels, trust_remote_code=trust_remote_code, **kwargs
     )
+    if custom:
+        from .data.custom import align_teacher_labels, set_label_names
+
+        align_teacher_labels(model, task) if role == "teacher" else set_label_names(model.config, task)
+    return model
+
+
+def check_teacher_labels(config: RunConfig, task) -> None:
+    """A given teacher's labels against the user's data (its config.json only), right after the data is read: a
+    teacher for another label set stops the run before anything is loaded or trained."""
+    if not (config.teacher and task.is_custom):
+        return
+    from transformers import AutoConfig
+
+    from .data.assets import resolve_model
+    from .data.custom import match_teacher_labels
+
+    path = resolve_model(config.teacher)
+    teacher_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+    if any(a.endswith("ForSequenceClassification") for a in (teacher_config.architectures or [])):
+        match_teacher_labels(teacher_config, task)
 
 
 def run_distillation(config: RunConfig, callbacks: Sequence = ()) -> Optional[dict]:
@@ -319,6 +422,7 @@ def run_distillation(config: RunConfig, callbacks: Sequence = ()) -> Optional[di
     init_distributed()
     clock = time.perf_counter()
     task, splits = load_data(config.data)  # bad data fails here, before any model is fetched or trained
+    check_teacher_labels(config, task)
     setup_seconds = {"load_and_augment_data": time.perf_counter() - clock}
     teacher_path = config.teacher
     if teacher_path is None and (config.objective.needs_teacher or not config.student):
@@ -379,7 +483,8 @@ def _distill(config, task, ds_config, teacher_path, splits, setup_seconds, callb
     train_ds, dev_sets = tokenized["train"], {split: tokenized[split] for split in task.dev_splits}
 
     clock = time.perf_counter()
-    report = _measure(models, dev_sets, collator, task, group)  # before DeepSpeed shards anything
+    test_set = {task.test_split: tokenized[task.test_split]} if _has_labelled_test(task, tokenized) else {}
+    report = _measure(models, dev_sets, collator, task, group, test_set)  # before DeepSpeed shards anything
     setup_seconds["evaluate_teacher_and_latency"], clock = time.perf_counter() - clock, time.perf_counter()
     teacher_config = models.teacher_config if cfg.needs_teacher else None
     objective = AD2Objective(models.student, cfg, teacher_config=teacher_config)
@@ -422,6 +527,8 @@ def _distill(config, task, ds_config, teacher_path, splits, setup_seconds, callb
 
     results = {
         "task": task.name,
+        "main_metric": task.main_metric,
+        "labels": list(task.label_list) if task.label_list else None,  # the student's id2label for own data
         "method": cfg.method,
         "config": cfg.to_dict(),
         "run_config": config.to_dict(),
@@ -468,15 +575,23 @@ def _load_teacher(config, task, teacher_path, sharded: bool = False):
     path, eager, trust = resolve_model(teacher_path), config.objective.needs_attentions, config.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     if sharded:
-        model, t_config = None, classifier_config(path, task.num_labels, trust, "teacher")
+        model, t_config = None, classifier_config(path, task.num_labels, trust, "teacher", task)
     else:
-        model = load_classifier(path, task.num_labels, eager, trust, "teacher").eval()
+        model = load_classifier(path, task.num_labels, eager, trust, "teacher", task).eval()
         t_config = model.config
     if pools_last_token(t_config):  # right padding and a pad id the model pools by
         prepare_decoder_teacher(tokenizer, t_config)
     source = None
     if sharded:
-        source = TeacherSource(path, task.num_labels, "eager" if eager else None, trust, tokenizer.pad_token_id)
+        order = None
+        if task.is_custom:  # the sharded head is not reordered: its logits are, as they come out
+            from .data.custom import match_teacher_labels, set_label_names
+
+            order = match_teacher_labels(t_config, task)
+            set_label_names(t_config, task)
+        source = TeacherSource(
+            path, task.num_labels, "eager" if eager else None, trust, tokenizer.pad_token_id, order and tuple(order)
+        )
     return model, tokenizer, t_config, source
 
 
@@ -494,16 +609,20 @@ def _load_models(config, task, teacher_path) -> _Models:
     teacher, tok_t, t_config, source = _load_teacher(config, task, teacher_path, sharded)
     if config.student:
         path = resolve_model(config.student)
-        student = load_classifier(path, task.num_labels, cfg.needs_attentions, trust, "student")
+        student = load_classifier(path, task.num_labels, cfg.needs_attentions, trust, "student", task)
         tok_s = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     else:
         strategy, _, n = config.student_layers.partition(":")
         whole = teacher
         if whole is None:
             logger.info("student made from the teacher's layers: the teacher is loaded whole once for that")
-            whole = load_classifier(source.path, task.num_labels, cfg.needs_attentions, trust, "teacher").eval()
+            whole = load_classifier(source.path, task.num_labels, cfg.needs_attentions, trust, "teacher", task).eval()
         student, tok_s = student_from_teacher(whole, int(n), strategy), tok_t
         del whole
+        if task.is_custom:
+            from .data.custom import set_label_names
+
+            set_label_names(student.config, task)  # the data's id2label / label2id in the saved config.json
     student.train()
     models = _Models(teacher, tok_t, student, tok_s, t_config, source)
     if models.two_tokenizers and cfg.deep_kd:
@@ -557,8 +676,8 @@ def _collator(models: _Models):
     return DataCollator(models.tok_s.pad_token_id, models.tok_t.pad_token_id if models.two_tokenizers else None)
 
 
-def _measure(models: _Models, dev_sets, collator, task, group) -> dict:
-    """Parameters and latency of both models, and the teacher's dev scores."""
+def _measure(models: _Models, dev_sets, collator, task, group, test_set=None) -> dict:
+    """Parameters and latency of both models, and the teacher's dev scores (and test scores, given ``test_set``)."""
     from .data.glue import DataCollator
     from .modeling import count_parameters, measure_latency
     from .trainer import evaluate
@@ -575,6 +694,9 @@ def _measure(models: _Models, dev_sets, collator, task, group) -> dict:
             teacher_params=count_parameters(models.teacher),
             teacher_latency_ms=measure_latency(models.teacher, teacher_dev, t_collator),
         )
+        if test_set:
+            view = test_set if not models.two_tokenizers else {k: _teacher_view(v) for k, v in test_set.items()}
+            report["teacher_test"] = evaluate(models.teacher, view, t_collator, task, 32, group=group)
     return report
 
 
@@ -669,14 +791,21 @@ def _engine_facts(engine) -> dict:
 def score_test_split(task, tokenized, collator, out, config, engine, group) -> Optional[dict]:
     """The best student (chosen on the dev split, saved in ``out/best``) scored once on the task's labelled test
     split; None when the task has none, or it is unlabelled."""
-    split = task.test_split
-    if not split or split not in tokenized or not _labelled(tokenized[split]):
+    if not _has_labelled_test(task, tokenized):
         return None
+    split = task.test_split
     from .trainer import evaluate
 
-    best = load_classifier(os.path.join(out, "best"), task.num_labels, False, config.trust_remote_code, "student")
+    best = load_classifier(
+        os.path.join(out, "best"), task.num_labels, False, config.trust_remote_code, "student", task
+    )
     device = next(engine.module.student.parameters()).device
     return evaluate(best.to(device), {split: tokenized[split]}, collator, task, 32, device, group)
+
+
+def _has_labelled_test(task, tokenized) -> bool:
+    split = task.test_split
+    return bool(split) and split in tokenized and _labelled(tokenized[split])
 
 
 def _labelled(ds) -> bool:
@@ -707,13 +836,16 @@ def _clear_run(out):
 
 
 def summary_table(task, results) -> str:
-    """Teacher vs student: the main metric on dev (and test when scored), parameters, latency; where the student is."""
-    metric = task.main_metric
+    """Teacher vs student: the main metric on dev (and test when scored), parameters, latency; where the student is.
+    task: the run's TaskSpec, or None to read its name and main metric from ``results``."""
+    metric = task.main_metric if task is not None else results["main_metric"]
+    name = task.name if task is not None else results["task"]
     rows = [("", "teacher", "student")]
     t_score = results.get("teacher_scores", {}).get(metric)
     rows.append((f"dev {metric}", _fmt(t_score), _fmt(results["best"].get(metric))))
     if "test" in results:
-        rows.append((f"test {metric}", "-", _fmt(results["test"].get(metric))))
+        t_test = results.get("teacher_test", {}).get(metric)
+        rows.append((f"test {metric}", _fmt(t_test), _fmt(results["test"].get(metric))))
     rows.append(("parameters", _millions(results.get("teacher_params")), _millions(results["student_params"])))
     rows.append(
         ("latency ms/batch of 32", _fmt(results.get("teacher_latency_ms"), 1), _fmt(results["student_latency_ms"], 1))
@@ -721,7 +853,7 @@ def summary_table(task, results) -> str:
     width = max(len(r[0]) for r in rows) + 2
     lines = [f"{r[0]:<{width}}{r[1]:>12}{r[2]:>12}" for r in rows]
     out = results["run_config"]["output_dir"]
-    lines.append(f"{task.name}, method {results['method']}: best student saved to {os.path.join(out, 'best')}")
+    lines.append(f"{name}, method {results['method']}: best student saved to {os.path.join(out, 'best')}")
     lines.append(
         f"train {results['train_seconds']:.0f} s, {results['samples_per_second']:.1f} samples/s, "
         f"waited {results['teacher_wait_seconds']:.1f} s on the teacher"

