@@ -598,7 +598,8 @@ def _load_teacher(config, task, teacher_path, sharded: bool = False):
 def _load_models(config, task, teacher_path) -> _Models:
     """The teacher (when there is one) and the student: a given checkpoint, or layers taken from the teacher. A
     co-located tensor-parallel teacher (teacher_tp_size > 1) is not built here: each rank loads its own shards when the
-    teacher is built; only a student made from the teacher's layers needs the whole teacher, once, and drops it."""
+    teacher is built; a student made from its layers reads only the tensors it keeps
+    (:func:`ad2_ds.teachers.sharded.student_from_checkpoint`)."""
     from transformers import AutoTokenizer
 
     from .data.assets import resolve_model
@@ -613,12 +614,18 @@ def _load_models(config, task, teacher_path) -> _Models:
         tok_s = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     else:
         strategy, _, n = config.student_layers.partition(":")
-        whole = teacher
-        if whole is None:
-            logger.info("student made from the teacher's layers: the teacher is loaded whole once for that")
-            whole = load_classifier(source.path, task.num_labels, cfg.needs_attentions, trust, "teacher", task).eval()
-        student, tok_s = student_from_teacher(whole, int(n), strategy), tok_t
-        del whole
+        if teacher is None:  # a sharded teacher: read only the tensors the student keeps
+            from .teachers.sharded import student_from_checkpoint
+
+            kwargs = {"attn_implementation": "eager"} if cfg.needs_attentions else {}
+            student = student_from_checkpoint(source.path, int(n), strategy, task.num_labels, trust, **kwargs)
+            if task.is_custom:
+                from .data.custom import align_teacher_labels
+
+                align_teacher_labels(student, task)  # the head the student inherits, in the data's label order
+        else:
+            student = student_from_teacher(teacher, int(n), strategy)
+        tok_s = tok_t
         if task.is_custom:
             from .data.custom import set_label_names
 

@@ -23,19 +23,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv=None):
+    from ad2_ds import AD2Config
+    from ad2_ds.flags import add_flags
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--train_file", required=True)
     p.add_argument("--validation_file", required=True)
     p.add_argument("--test_file")
-    p.add_argument("--text_column", nargs="+", default=[])
+    p.add_argument("--text_column", help="the text column, or two (A,B) for pairs; default: a guess")
     p.add_argument("--label_column")
     p.add_argument("--task_type", choices=("classification", "regression"))
-    p.add_argument("--main_metric")
+    p.add_argument("--metric", help="the metric that picks the best student")
     p.add_argument("--teacher", required=True, help="a fine-tuned sequence classifier (folder)")
     p.add_argument("--student_layers", default="bottom:3", help="skip|top|bottom:N of the teacher's layers")
-    p.add_argument("--method", default="ad2")
-    p.add_argument("--epsilon", type=float, default=1e-5)
-    p.add_argument("--step_size", type=float, default=1e-3)
     p.add_argument("--output_dir", required=True)
     p.add_argument("--num_train_epochs", type=int, default=3)
     p.add_argument("--batch_size", type=int, default=32, help="per process")
@@ -43,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--max_seq_length", type=int, default=128)
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: no limit)")
     p.add_argument("--seed", type=int, default=42)
+    add_flags(p, AD2Config)  # --method and every term of the objective, as distill_glue.py takes them
     return p.parse_args(argv)
 
 
@@ -63,19 +64,21 @@ def training_function(args) -> int:
     from transformers import AutoConfig, get_linear_schedule_with_warmup, set_seed
 
     from ad2_ds import AD2Config, AD2Objective
-    from ad2_ds.data.custom import CustomData, load_custom_task, match_teacher_labels
+    from ad2_ds.data.custom import load_custom_task, match_teacher_labels
+    from ad2_ds.flags import from_flags
     from ad2_ds.hf import cpu_backend
+    from ad2_ds.run import DataConfig
 
-    cfg = AD2Config(method=args.method, epsilon=args.epsilon, step_size=args.step_size)
-    data = CustomData(
+    cfg = from_flags(AD2Config, vars(args))
+    data = DataConfig(
         train_file=args.train_file,
         validation_file=args.validation_file,
         test_file=args.test_file,
-        text_columns=tuple(args.text_column),
+        text_column=args.text_column or (),
         label_column=args.label_column,
         task_type=args.task_type,
-        main_metric=args.main_metric,
-    )
+        metric=args.metric,
+    ).custom()  # the options checked together, as distill_glue.py checks them
     strategy, _, n_layers = args.student_layers.partition(":")
     if strategy not in ("skip", "top", "bottom") or not n_layers.isdigit() or int(n_layers) < 1:
         raise ValueError(f"--student_layers {args.student_layers!r}: use skip|top|bottom:N, e.g. bottom:3")

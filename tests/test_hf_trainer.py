@@ -297,3 +297,24 @@ def test_distill_accelerate_bad_input_exits_2_before_any_model(recipe_inputs, tm
     assert distill_accelerate.main(argv) == 2
     assert "empty.csv has no examples: the dev split is empty" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_distill_accelerate_takes_the_objective_and_data_flags_of_distill_glue():
+    import importlib
+
+    sys.path.insert(0, str(REPO / "recipes"))
+    distill_accelerate = importlib.import_module("distill_accelerate")
+    from ad2_ds import AD2Config
+    from ad2_ds.flags import from_flags
+    from ad2_ds.run import DataConfig
+
+    args = distill_accelerate.parse_args(
+        ["--train_file", "a.csv", "--validation_file", "b.csv", "--teacher", "t", "--output_dir", "o",
+         "--method", "ad2-dkd", "--perturb_norm", "token-l2", "--perturb_size", "relative", "--epsilon", "0.05",
+         "--text_column", "question,sentence"]  # fmt: skip
+    )
+    cfg = from_flags(AD2Config, vars(args))
+    assert (cfg.method, cfg.perturb_norm, cfg.perturb_size, cfg.epsilon) == ("ad2-dkd", "token-l2", "relative", 0.05)
+    assert cfg.step_size == AD2Config(method="ad2-dkd").step_size  # unset flags keep the preset's values
+    data = DataConfig(train_file="a.csv", validation_file="b.csv", text_column=args.text_column)
+    assert data.custom().text_columns == ("question", "sentence")

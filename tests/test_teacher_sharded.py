@@ -306,3 +306,22 @@ def test_live_teacher_loads_a_tp_teacher_from_its_source_and_evaluates_it_like_a
     path = save_split(tiny_bert(num_labels=3), tmp_path / "bert")
     for loaded, kind, equal, reordered in launch(_factory_live_teacher, 2, args=(str(path),), timeout_s=180):
         assert (loaded, kind, equal, reordered) == ("shards", "DeepSpeedTeacher", True, True)
+
+
+@pytest.mark.parametrize("arch", ["Bert", "Qwen2"])
+def test_a_student_cut_from_a_checkpoint_equals_one_cut_from_the_loaded_teacher(tmp_path, arch):
+    from transformers import AutoModelForSequenceClassification
+
+    from ad2_ds.modeling import student_from_teacher
+
+    model = tiny_bert(num_labels=3, layers=4) if arch == "Bert" else tiny_decoder(arch, num_hidden_layers=4)
+    path = save_split(model, tmp_path / arch)
+    whole = AutoModelForSequenceClassification.from_pretrained(path)
+    for n, strategy in ((2, "skip"), (1, "top"), (3, "bottom")):
+        want = student_from_teacher(whole, n, strategy).state_dict()
+        got = sharded.student_from_checkpoint(path, n, strategy, num_labels=3).state_dict()
+        assert sorted(got) == sorted(want)
+        assert not sharded.meta_tensors(sharded.student_from_checkpoint(path, n, strategy))
+        assert all(torch.equal(got[k], want[k]) for k in want), (arch, n, strategy)
+    with pytest.raises(ValueError, match="predicts 3 labels"):
+        sharded.student_from_checkpoint(path, 2, "skip", num_labels=2)

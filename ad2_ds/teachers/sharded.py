@@ -172,3 +172,45 @@ def shard_head_parameters(model: nn.Module, rank: int, tp_size: int, num_heads: 
         module.embedding_dim = per_rank
         done.append(name)
     return done
+
+
+def student_from_checkpoint(
+    path, n_layers_s: int, strategy: str = "bottom", num_labels: Optional[int] = None, trust_remote_code=False, **kw
+) -> nn.Module:
+    """:func:`ad2_ds.modeling.student_from_teacher` of a teacher that is never built whole: the student's skeleton is
+    cut from the teacher's empty one (parameters on meta), and only the tensors the student keeps (embeddings, the
+    selected layers, the head) are read from the safetensors files, in fp32. Equal to cutting the loaded teacher."""
+    from safetensors import safe_open
+
+    from ..modeling import find_layer_list, num_layers, select_layers, student_from_teacher
+
+    skeleton = empty_classifier(path, num_labels, trust_remote_code, **kw)
+    keep = select_layers(num_layers(skeleton.config), n_layers_s, strategy)
+    layers = find_layer_list(skeleton)
+    prefix = next(name for name, module in skeleton.named_modules() if module is layers) + "."
+    student = student_from_teacher(skeleton, n_layers_s, strategy)  # a copy of meta tensors: no memory
+
+    def teacher_key(name: str) -> str:  # the student's layer i is the teacher's layer keep[i]
+        if not name.startswith(prefix):
+            return name
+        i, rest = name[len(prefix) :].split(".", 1)
+        return f"{prefix}{keep[int(i)]}.{rest}"
+
+    wanted = {teacher_key(k): k for k in student.state_dict()}
+    files = checkpoint_files(path)
+    missing = sorted(set(wanted) - {k for _, keys in files for k in keys})
+    if missing:
+        raise ValueError(f"student from {path}: the checkpoint lacks {len(missing)} tensors (first: {missing[:3]})")
+    state = {}
+    for file, keys in files:
+        needed = [k for k in keys if k in wanted]
+        if needed:
+            with safe_open(str(Path(path) / file), framework="pt") as f:
+                for k in needed:
+                    t = f.get_tensor(k)
+                    state[wanted[k]] = t.float() if t.is_floating_point() else t
+    student.load_state_dict(state, strict=False, assign=True)
+    left = meta_tensors(student)
+    if left:
+        raise ValueError(f"student from {path}: {len(left)} tensors were not loaded (first: {left[:3]})")
+    return student
