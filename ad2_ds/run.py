@@ -498,7 +498,7 @@ def _distill(config, task, ds_config, teacher_path, splits, setup_seconds, callb
         if models.source is not None and layout is None:  # tensor-parallel, loaded shard by shard
             live = live_teacher(None, needs, placement.dtype, placement.tp_size, source=models.source)
             setup_seconds["teacher_load"], clock = time.perf_counter() - clock, time.perf_counter()
-            report.update(_measure_sharded_teacher(models, live, dev_sets, collator, task, group))
+            report.update(_measure_sharded_teacher(models, live, dev_sets, collator, task, group, test_set))
             setup_seconds["evaluate_teacher_and_latency"] += time.perf_counter() - clock
             clock = time.perf_counter()
         cache_data = _cache_data(config, models, train_ds, collator, teacher_path)
@@ -707,9 +707,10 @@ def _measure(models: _Models, dev_sets, collator, task, group, test_set=None) ->
     return report
 
 
-def _measure_sharded_teacher(models: _Models, live, dev_sets, collator, task, group) -> dict:
-    """The tensor-parallel teacher's dev scores, parameters (counted on its empty skeleton) and latency, through the
-    live teacher (every rank runs the same forwards; the TP group gathers its rows)."""
+def _measure_sharded_teacher(models: _Models, live, dev_sets, collator, task, group, test_set=None) -> dict:
+    """The tensor-parallel teacher's dev scores (and test scores, given ``test_set``), parameters (counted on its empty
+    skeleton) and latency, through the live teacher (every rank runs the same forwards; the TP group gathers its
+    rows)."""
     from .data.glue import DataCollator
     from .modeling import count_parameters, measure_latency
     from .teachers.factory import TeacherModel
@@ -720,11 +721,15 @@ def _measure_sharded_teacher(models: _Models, live, dev_sets, collator, task, gr
     teacher_dev = dev_sets if not models.two_tokenizers else {k: _teacher_view(v) for k, v in dev_sets.items()}
     t_collator = DataCollator(models.tok_t.pad_token_id)
     src = models.source
-    return dict(
+    report = dict(
         teacher_scores=evaluate(model, teacher_dev, t_collator, task, 32, group=group),
         teacher_params=count_parameters(empty_classifier(src.path, src.num_labels, src.trust_remote_code)),
         teacher_latency_ms=measure_latency(model, teacher_dev, t_collator),
     )
+    if test_set:
+        view = test_set if not models.two_tokenizers else {k: _teacher_view(v) for k, v in test_set.items()}
+        report["teacher_test"] = evaluate(model, view, t_collator, task, 32, group=group)
+    return report
 
 
 def _teacher_load(live, models: _Models, layout) -> Optional[str]:

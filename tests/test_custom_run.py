@@ -111,6 +111,50 @@ def test_own_csvs_distil_end_to_end_with_a_test_score_and_named_labels(
     assert "test accuracy" in table and "tickets, method kd" in table
 
 
+def test_a_tensor_parallel_teacher_with_reordered_names_scores_as_the_whole_one(own_data, tmp_path, tiny_vocab):
+    """teacher_tp_size 2 on two ranks: the teacher is loaded shard by shard, its head is never whole, so its logits
+    are put in the data's label order as they come out; its dev and test scores equal the whole teacher's."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForSequenceClassification
+
+    from ad2_ds.dist import find_free_port
+
+    files, ds = own_data
+    teacher = named_teacher(tmp_path / "teacher", tiny_vocab, ("pos", "neg", "neu"))
+    model = AutoModelForSequenceClassification.from_pretrained(teacher)
+    with torch.no_grad():  # the teacher says "pos" (its output 0, the data's label 2) whatever the text
+        model.classifier.bias.copy_(torch.tensor([20.0, 0.0, 0.0]))
+    model.save_pretrained(teacher)
+    for split in ("dev", "test"):  # more pos than neg: a label order mix-up changes the scores
+        rows = [r for r in csv.reader(open(files[split]))][1:]
+        rows = [r for r in rows if r[1] != "neg"] + [r for r in rows if r[1] == "neg"][:1]
+        with open(files[split], "w", newline="") as f:
+            csv.writer(f).writerows([("text", "label"), *rows])
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    results = {}
+    for tp in (1, 2):
+        out = tmp_path / f"tp{tp}"
+        argv = _argv(files, ds, out, "--test_file", str(files["test"]), "--teacher", str(teacher))
+        launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                    str(find_free_port())]  # fmt: skip
+        cmd = launcher + [str(ROOT / "recipes" / "distill_glue.py"), *argv, "--teacher_tp_size", str(tp)]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+        assert res.returncode == 0, res.stderr[-3000:]
+        results[tp] = json.loads((out / "results.json").read_text())
+    assert (results[1]["teacher_load"], results[2]["teacher_load"]) == ("whole", "shards")
+    for key in ("teacher_scores", "teacher_test"):
+        assert results[2][key] == pytest.approx(results[1][key], abs=1e-6), key
+    dev_labels = [r[1] for r in list(csv.reader(open(files["dev"])))[1:]]
+    assert results[2]["teacher_scores"]["accuracy"] == pytest.approx(dev_labels.count("pos") / len(dev_labels))
+    config = json.loads((tmp_path / "tp2" / "best" / "config.json").read_text())
+    assert config["id2label"] == {"0": "neg", "1": "neu", "2": "pos"}
+
+
 def test_teacher_head_is_reordered_by_name_and_unnamed_labels_map_by_position(own_data, tmp_path, tiny_vocab, caplog):
     from transformers import AutoModelForSequenceClassification
 
