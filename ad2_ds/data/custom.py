@@ -245,6 +245,9 @@ def _read_hub(data: CustomData) -> Dict[str, Tuple[str, "datasets.Dataset"]]:  #
     import datasets
 
     where = data.dataset_name + (f" ({data.dataset_config_name})" if data.dataset_config_name else "")
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # no line per retry of an unreachable hub: the one error below says it
     try:
         raw = datasets.load_dataset(data.dataset_name, data.dataset_config_name)
     except Exception as e:  # offline machines fail in many ways (DNS, HF_HUB_OFFLINE, proxy): one message for all
@@ -252,6 +255,8 @@ def _read_hub(data: CustomData) -> Dict[str, Tuple[str, "datasets.Dataset"]]:  #
             f"could not load {where} from the Hugging Face hub: {_one_line(e)}; without hub access pass "
             "--train_file and --validation_file"
         ) from e
+    finally:
+        hub_logger.setLevel(level)
     out = {}
     for split, names in HUB_SPLITS.items():
         name = next((n for n in names if n in raw), None)
