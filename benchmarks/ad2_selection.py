@@ -165,7 +165,7 @@ def score_teacher_on_test(teacher: str, task_name: str, max_seq_length: int) -> 
 
     task, splits = load_data(DataConfig(task=task_name, max_seq_length=max_seq_length), rank_zero_first=False)
     tok = AutoTokenizer.from_pretrained(teacher)
-    test = tokenize_dataset(datasets.DatasetDict({"test": splits[task.test_split]}), tok, max_seq_length)
+    test, _ = tokenize_dataset(datasets.DatasetDict({"test": splits[task.test_split]}), tok, max_seq_length)
     model = load_classifier(teacher, task.num_labels, False, False, "teacher")
     return evaluate(model, {"test": test["test"]}, DataCollator(tok.pad_token_id), task, 32)
 
