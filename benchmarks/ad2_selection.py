@@ -192,11 +192,11 @@ def test_table(runs: dict, chosen: str, tasks, teachers: dict) -> dict:
         rows[setting] = row
     means = {}
     for setting, row in rows.items():
-        if setting != "teacher" and len(row) == len(tasks):
+        if len(row) == len(tasks):
             means[setting] = {
                 k: round(statistics.mean(row[t][k] for t in tasks), 2)
                 for k in ("test", "minus_kd", "pct_teacher")
-                if all(row[t][k] is not None for t in tasks)
+                if all(row[t].get(k) is not None for t in tasks)
             }
     return {"rows": rows, "means": means}
 
@@ -233,6 +233,9 @@ def print_test(table: dict, chosen: str, tasks) -> None:
                 d = "-" if c["minus_kd"] is None else f"{c['minus_kd']:+.2f}"
                 cells.append(f"{t}={c['test']:.2f} ({d} kd, {c['pct_teacher']:.1f}%, {c['total_seconds']:.0f} s)")
         print(f"{setting:<24} " + "  ".join(cells) + f"  mean {table['means'].get(setting)}")
+    control = random_control(chosen)
+    if control not in table["rows"]:
+        print(f"random control of {chosen}: {control or 'not in SETTINGS'} was not run")
 
 
 def main(argv=None) -> int:
@@ -284,7 +287,12 @@ def main(argv=None) -> int:
             "settings": {s: SETTINGS[s] for s in args.settings},
             "runs": runs,
             "summary": summary,
-            "selection": {"finished_tasks": done, "median_minus_kd": medians, "chosen": chosen},
+            "selection": {
+                "finished_tasks": done,
+                "median_minus_kd": medians,
+                "chosen": chosen,
+                "random_control": chosen and random_control(chosen),
+            },
             "teachers": teachers,
             "test": table,
             "goal": verdict,

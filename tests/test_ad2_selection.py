@@ -89,6 +89,7 @@ def test_test_split_is_read_only_after_selection_and_never_enters_it(tmp_path, c
     result = json.loads(out.read_text())
     assert result["selection"]["chosen"] == "ex-l2-abs1"  # dev +2 beats dev +1, although its test is 20 points lower
     assert result["selection"]["median_minus_kd"] == {"ex-l2-abs1": 2.0, "tok-l2-rel0.05": 1.0}
+    assert result["selection"]["random_control"] == "ex-l2-abs1-random"
     rows = result["test"]["rows"]
     assert list(rows) == ["teacher", "kd", "eps0", "ex-l2-abs1", "ex-l2-abs1-random"]  # not the test winner
     cell = rows["ex-l2-abs1"]["trec"]
@@ -96,6 +97,7 @@ def test_test_split_is_read_only_after_selection_and_never_enters_it(tmp_path, c
     assert rows["teacher"]["trec"] == {"test": 80.0}
     assert result["teachers"]["trec"]["source"].endswith("finetune_results.json")
     assert result["test"]["means"]["eps0"]["minus_kd"] == 0.5
+    assert result["test"]["means"]["teacher"] == {"test": 80.0}
     assert result["goal"] == {
         "tasks_at_least_plus1_over_kd": tasks,
         "mean_minus_eps0": 0.5,
