@@ -204,3 +204,16 @@ def test_run_distillation_from_python_scores_the_best_student_on_the_test_split(
     tag = (ckpt / "latest").read_text().strip()
     state = torch.load(ckpt / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     assert RunConfig.from_dict(json.loads(state["run_config"])) == config
+
+
+def test_a_regression_target_of_minus_one_is_a_label():
+    import datasets
+
+    from ad2_ds.run import _labelled
+
+    ratings = datasets.Dataset.from_dict({"label": [0.5, -1.0, 2.25]})  # movie-valence's test holds -1.0 ratings
+    assert _labelled(ratings, regression=True)
+    assert not _labelled(datasets.Dataset.from_dict({"label": [-1.0, -1.0]}), regression=True)  # GLUE's hidden test
+    assert not _labelled(datasets.Dataset.from_dict({"label": [0, -1, 1]}))  # a missing class label
+    assert _labelled(datasets.Dataset.from_dict({"label": [0, 1, 1]}))
+    assert not _labelled(datasets.Dataset.from_dict({"text": ["a"]}))
