@@ -817,12 +817,18 @@ def score_test_split(task, tokenized, collator, out, config, engine, group) -> O
 
 def _has_labelled_test(task, tokenized) -> bool:
     split = task.test_split
-    return bool(split) and split in tokenized and _labelled(tokenized[split])
+    return bool(split) and split in tokenized and _labelled(tokenized[split], task.is_regression)
 
 
-def _labelled(ds) -> bool:
+def _labelled(ds, regression: bool = False) -> bool:
+    """Every example has a label. -1 marks a missing class label; a regression target may be -1.0 (movie-valence's
+    test holds 4), so a regression split is unlabelled only when every target is -1 (GLUE's hidden STS-B test)."""
     labels = ds["label"] if "label" in ds.column_names else None
-    return bool(labels) and all(x is not None and x != -1 for x in labels)
+    if not labels or any(x is None for x in labels):
+        return False
+    if regression:
+        return not all(x == -1 for x in labels)
+    return all(x != -1 for x in labels)
 
 
 def _teacher_view(ds):

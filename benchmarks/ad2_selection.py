@@ -1,4 +1,5 @@
-"""Choose AD²'s perturbation on dev: a few settings x the offline tasks, one distill_glue run each, one at a time.
+"""Choose AD²'s perturbation on dev, then read the chosen setting out on test: a few settings x the offline tasks, one
+distill_glue run each, one at a time.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/ad2_selection.py --out_dir runs/ad2-selection --seed 42 \\
         --json_out docs/results/quality/ad2-selection.json
@@ -7,9 +8,14 @@ Each setting is a list of distill_glue flags (``SETTINGS``; ``--settings`` picks
 setting-major (every task of one setting before the next, so a sweep stopped early leaves whole rows) or, with
 ``--task_major``, task by task (whole columns: on a loaded machine, one task's comparison complete first). A run whose
 ``results.json`` exists is skipped, so re-running resumes. Every run of a task shares one teacher cache
-(logits only: every setting here uses deep-KD weight 0). The summary reads each run's best dev score (the task's main
-metric) and whole-run cost, and gives per setting: the score minus kd's and minus the ε = 0 control's on each task,
-and the median over tasks of (setting − kd), the issue's selection rule. Dev selects; nothing here reads test.
+(logits only: every setting here uses deep-KD weight 0).
+
+Selection reads dev only: each run's best dev score (the task's main metric), per setting the score minus kd's and
+minus the ε = 0 control's on each *finished* task (one where every requested setting has a run), and the issue's rule:
+the setting with the highest median over those tasks of (setting − kd), kd and the controls (``eps0``, ``*-random``)
+excluded (:func:`select`). Only then is test read (:func:`test_table`): the teacher, kd, the ε = 0 control, the chosen
+setting and its random-direction control, each run's test score (scored once by ``run_distillation`` with the student
+chosen on dev), minus kd, % of the teacher, and whole-run seconds.
 """
 
 import argparse
@@ -33,6 +39,7 @@ SETTINGS = {
     "tok-l2-rel0.05-random": _DKD0 + ["--perturb_norm", "token-l2", "--perturb_size", "relative"]
     + ["--epsilon", "0.05", "--step_size", "0.05", "--random_direction"],
     "ex-l2-abs1": _DKD0 + ["--epsilon", "1", "--step_size", "1"],
+    "ex-l2-abs1-random": _DKD0 + ["--epsilon", "1", "--step_size", "1", "--random_direction"],
     "smart": ["--method", "ad2-smart", "--w_hidden", "0", "--w_attention", "0"],
     "tok-l2-rel0.2": _DKD0 + ["--perturb_norm", "token-l2", "--perturb_size", "relative"]
     + ["--epsilon", "0.2", "--step_size", "0.2"],
@@ -73,7 +80,11 @@ def read_run(path: str) -> dict:
     return {
         "metric": metric,
         "dev": r["best"][metric],
+        "test": (r.get("test") or {}).get(metric),  # the dev-chosen student, scored once; None before test existed
+        "task": r["task"],
+        "max_seq_length": r["args"]["max_seq_length"],
         "teacher_dev": (r.get("teacher_scores") or {}).get(metric),
+        "teacher": r.get("teacher"),
         "train_seconds": round(r["train_seconds"], 1),
         "total_seconds": round(r["train_seconds"] + sum(setup.values()), 1),
         "config": {k: r["config"][k] for k in ("method", "epsilon", "step_size", "pga_steps", "perturbation")}
@@ -94,6 +105,137 @@ def summarise(scores: dict) -> dict:
             row[f"median_minus_{ref}"] = round(statistics.median(diff.values()), 2) if diff else None
         out[setting] = row
     return out
+
+
+def is_control(setting: str) -> bool:
+    """kd (the reference), the ε = 0 control and the random-direction controls never win the selection."""
+    return setting in ("kd", "eps0") or setting.endswith("-random")
+
+
+def finished_tasks(scores: dict, settings, tasks) -> list:
+    """The tasks (in ``tasks``' order) where every setting in ``settings`` has a dev score."""
+    return [t for t in tasks if all(t in scores.get(s, {}) for s in settings)]
+
+
+def select(dev_scores: dict, settings, tasks):
+    """The issue's rule, on dev only: among the non-control settings, the highest median over the finished tasks of
+    (setting − kd); ties go to the earlier setting in ``settings``. dev_scores: {setting: {task: dev score}}.
+    Returns (setting or None, the finished tasks, {setting: median in points})."""
+    done = finished_tasks(dev_scores, settings, tasks)
+    if "kd" not in settings or not done:
+        return None, done, {}
+    summary = summarise({s: {t: dev_scores[s][t] for t in done} for s in settings})
+    medians = {s: summary[s]["median_minus_kd"] for s in settings if not is_control(s)}
+    if not medians:
+        return None, done, medians
+    best = max(medians.values())
+    return next(s for s in settings if s in medians and medians[s] == best), done, medians
+
+
+def random_control(setting: str):
+    """The random-direction control of ``setting`` (same flags plus --random_direction), when SETTINGS has it."""
+    name = f"{setting}-random"
+    return name if name in SETTINGS else None
+
+
+def teacher_test(runs_of_task: dict) -> dict:
+    """The teacher's test score for one task: from the fine-tuning run's ``finetune_results.json`` (written beside the
+    default teacher) when it holds one, else scored here on the task's test split (teachers fine-tuned before
+    ``run_distillation`` scored test)."""
+    run = next(iter(runs_of_task.values()))
+    teacher, metric = run["teacher"], run["metric"]
+    path = os.path.join(teacher or "", "finetune_results.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            test = json.load(f).get("test")
+        if test and metric in test:
+            return {"test": test[metric], "source": path, "path": teacher}
+    return {"test": score_teacher_on_test(teacher, run["task"], run["max_seq_length"])[metric], "path": teacher,
+            "source": "scored by ad2_selection.py (finetune_results.json has no test score)"}  # fmt: skip
+
+
+def score_teacher_on_test(teacher: str, task_name: str, max_seq_length: int) -> dict:
+    """The fine-tuned teacher checkpoint's metrics on the task's test split (eval mode, batches of 32, one process)."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    from ad2_ds.data.glue import DataCollator, tokenize_dataset
+    from ad2_ds.run import DataConfig, load_classifier, load_data
+    from ad2_ds.trainer import evaluate
+
+    task, splits = load_data(DataConfig(task=task_name, max_seq_length=max_seq_length), rank_zero_first=False)
+    tok = AutoTokenizer.from_pretrained(teacher)
+    test, _ = tokenize_dataset(datasets.DatasetDict({"test": splits[task.test_split]}), tok, max_seq_length)
+    model = load_classifier(teacher, task.num_labels, False, False, "teacher")
+    return evaluate(model, {"test": test["test"]}, DataCollator(tok.pad_token_id), task, 32)
+
+
+def test_table(runs: dict, chosen: str, tasks, teachers: dict) -> dict:
+    """After selection: per row (teacher, kd, eps0, the chosen setting, its random control) and task, the test score
+    (points), minus kd, % of the teacher's test score, and whole-run seconds; plus the means over ``tasks``.
+    runs: {setting: {task: read_run(...)}}; teachers: {task: {"test": score}}."""
+    rows = {"teacher": {t: {"test": round(100 * teachers[t]["test"], 2)} for t in tasks}}
+    for setting in ("kd", "eps0", chosen, random_control(chosen)):
+        if setting is None or setting in rows or setting not in runs:
+            continue
+        row = {}
+        for t in tasks:
+            r, kd = runs[setting].get(t), runs.get("kd", {}).get(t)
+            if r is None or r["test"] is None:
+                continue
+            row[t] = {
+                "test": round(100 * r["test"], 2),
+                "minus_kd": round(100 * (r["test"] - kd["test"]), 2) if kd and kd["test"] is not None else None,
+                "pct_teacher": round(100 * r["test"] / teachers[t]["test"], 2),
+                "total_seconds": r["total_seconds"],
+            }
+        rows[setting] = row
+    means = {}
+    for setting, row in rows.items():
+        if len(row) == len(tasks):
+            means[setting] = {
+                k: round(statistics.mean(row[t][k] for t in tasks), 2)
+                for k in ("test", "minus_kd", "pct_teacher")
+                if all(row[t].get(k) is not None for t in tasks)
+            }
+    return {"rows": rows, "means": means}
+
+
+def goal(table: dict, chosen: str, tasks) -> dict:
+    """The issue's goal, read on this table (one seed here, where the issue asks for the median of 3): the chosen
+    setting ≥ +1.0 point over kd on at least 3 of 4 tasks, ≥ +0.5 over the ε = 0 control on average, ≥ 98.5% of the
+    teacher on average."""
+    rows = table["rows"]
+    mine, eps0 = rows.get(chosen, {}), rows.get("eps0", {})
+    plus1 = [t for t in tasks if t in mine and (mine[t]["minus_kd"] or 0) >= 1.0]
+    both = [t for t in tasks if t in mine and t in eps0]
+    over_eps0 = round(statistics.mean(mine[t]["test"] - eps0[t]["test"] for t in both), 2) if both else None
+    pct = table["means"].get(chosen, {}).get("pct_teacher")
+    return {
+        "tasks_at_least_plus1_over_kd": plus1,
+        "mean_minus_eps0": over_eps0,
+        "mean_pct_teacher": pct,
+        "reached": len(plus1) >= 3 and over_eps0 is not None and over_eps0 >= 0.5 and pct is not None and pct >= 98.5,
+    }
+
+
+def print_test(table: dict, chosen: str, tasks) -> None:
+    print(f"test (after selection on dev; one run per cell; seconds on a shared, loaded machine): chosen {chosen}")
+    for setting, row in table["rows"].items():
+        cells = []
+        for t in tasks:
+            c = row.get(t)
+            if c is None:
+                cells.append(f"{t}=-")
+            elif setting == "teacher":
+                cells.append(f"{t}={c['test']:.2f}")
+            else:
+                d = "-" if c["minus_kd"] is None else f"{c['minus_kd']:+.2f}"
+                cells.append(f"{t}={c['test']:.2f} ({d} kd, {c['pct_teacher']:.1f}%, {c['total_seconds']:.0f} s)")
+        print(f"{setting:<24} " + "  ".join(cells) + f"  mean {table['means'].get(setting)}")
+    control = random_control(chosen)
+    if control not in table["rows"]:
+        print(f"random control of {chosen}: {control or 'not in SETTINGS'} was not run")
 
 
 def main(argv=None) -> int:
@@ -123,18 +265,37 @@ def main(argv=None) -> int:
                 runs.setdefault(setting, {})[task] = read_run(path)
                 scores.setdefault(setting, {})[task] = runs[setting][task]["dev"]
     summary = summarise(scores)
+    print("dev (selection):")
     for setting, row in summary.items():
         dev = " ".join(f"{t}={100 * v:.2f}" for t, v in row["dev"].items())
         print(f"{setting:<24} {dev}  median-kd {row['median_minus_kd']}  median-eps0 {row['median_minus_eps0']}")
+    chosen, done, medians = select(scores, args.settings, args.tasks)  # dev only: nothing above reads test
+    print(f"finished tasks {done}; median over them of (setting - kd), controls excluded: {medians}; chosen {chosen}")
+    table = teachers = verdict = None
+    if chosen is not None:
+        teachers = {t: teacher_test({s: runs[s][t] for s in args.settings}) for t in done}
+        table = test_table(runs, chosen, done, teachers)
+        verdict = goal(table, chosen, done)
+        print_test(table, chosen, done)
+        print(f"goal (one seed, {len(done)} tasks): {verdict}")
     if args.json_out:
         result = {
             "command": "PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/ad2_selection.py "
             + " ".join(argv or sys.argv[1:]),
-            "split": "dev (best evaluation of each run; selection only)",
+            "split": "dev selects (best evaluation of each run); test is read after selection",
             "seed": args.seed,
             "settings": {s: SETTINGS[s] for s in args.settings},
             "runs": runs,
             "summary": summary,
+            "selection": {
+                "finished_tasks": done,
+                "median_minus_kd": medians,
+                "chosen": chosen,
+                "random_control": chosen and random_control(chosen),
+            },
+            "teachers": teachers,
+            "test": table,
+            "goal": verdict,
             "failed": failed,
         }
         with open(args.json_out, "w") as f:

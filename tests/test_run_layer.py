@@ -217,3 +217,16 @@ def test_a_tp_teacher_saved_as_bin_is_refused_before_any_work(tmp_path):
         check_run(config, world_size=2)
     assert e.value.field == "teacher"
     check_run(dataclasses.replace(config, teacher_tp_size=1), world_size=2)  # tp 1 loads it whole: allowed
+
+
+def test_a_regression_target_of_minus_one_is_a_label():
+    import datasets
+
+    from ad2_ds.run import _labelled
+
+    ratings = datasets.Dataset.from_dict({"label": [0.5, -1.0, 2.25]})  # movie-valence's test holds -1.0 ratings
+    assert _labelled(ratings, regression=True)
+    assert not _labelled(datasets.Dataset.from_dict({"label": [-1.0, -1.0]}), regression=True)  # GLUE's hidden test
+    assert not _labelled(datasets.Dataset.from_dict({"label": [0, -1, 1]}))  # a missing class label
+    assert _labelled(datasets.Dataset.from_dict({"label": [0, 1, 1]}))
+    assert not _labelled(datasets.Dataset.from_dict({"text": ["a"]}))
