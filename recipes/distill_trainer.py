@@ -50,25 +50,24 @@ class DataArguments:
 
 @dataclass
 class DistillArguments:
-    method: str = field(default="ad2", metadata={"help": "finetune, kd, pkd, ad2, ad2-dkd, ad2-kd"})
     teacher: Optional[str] = field(default=None, metadata={"help": "fine-tuned classifier; default: fine-tune one"})
     teacher_base: str = field(default="all-MiniLM-L6-v2", metadata={"help": "base model for the teacher"})
     teacher_epochs: float = 3.0
     teacher_learning_rate: float = 5e-5
     student: Optional[str] = field(default=None, metadata={"help": "student checkpoint; default: teacher layers"})
     student_layers: str = field(default="bottom:3", metadata={"help": "skip|top|bottom:N of the teacher's layers"})
-    alpha: Optional[float] = None
-    temperature: float = 1.0
-    epsilon: float = 1e-5
-    step_size: float = 1e-3
-    pga_steps: int = 1
 
 
 def parse(argv=None):
     from transformers import HfArgumentParser, TrainingArguments
 
+    from ad2_ds import AD2Config
+    from ad2_ds.flags import add_flags, from_flags
+
     parser = HfArgumentParser((DataArguments, DistillArguments, TrainingArguments))
-    return parser.parse_args_into_dataclasses(args=argv)
+    add_flags(parser, AD2Config)  # --method and every term of the objective, as distill_glue.py takes them
+    data_args, distill_args, training_args, objective = parser.parse_args_into_dataclasses(args=argv)
+    return data_args, distill_args, training_args, from_flags(AD2Config, vars(objective))
 
 
 def main(argv=None) -> int:
@@ -81,17 +80,16 @@ def main(argv=None) -> int:
     from ad2_ds.data.assets import AssetError
 
     try:
-        data_args, distill_args, training_args = parse(args)
-        return run(data_args, distill_args, training_args)
+        data_args, distill_args, training_args, cfg = parse(args)
+        return run(data_args, distill_args, training_args, cfg)
     except (ValueError, FileNotFoundError, AssetError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 
-def run(data_args: DataArguments, distill_args: DistillArguments, training_args) -> int:
+def run(data_args: DataArguments, distill_args: DistillArguments, training_args, cfg) -> int:
     from transformers import AutoConfig, AutoTokenizer, set_seed
 
-    from ad2_ds import AD2Config
     from ad2_ds.data.assets import resolve_model
     from ad2_ds.data.custom import CustomData, load_custom_task, match_teacher_labels
     from ad2_ds.data.glue import DataCollator, tokenize_dataset
@@ -99,14 +97,6 @@ def run(data_args: DataArguments, distill_args: DistillArguments, training_args)
     out = training_args.output_dir
     if os.path.exists(os.path.join(out, "results.json")) and not training_args.overwrite_output_dir:
         raise ValueError(f"--output_dir {out} already holds a run: pass --overwrite_output_dir or another folder")
-    cfg = AD2Config(
-        method=distill_args.method,
-        alpha=distill_args.alpha,
-        temperature=distill_args.temperature,
-        epsilon=distill_args.epsilon,
-        step_size=distill_args.step_size,
-        pga_steps=distill_args.pga_steps,
-    )
     data = CustomData(
         train_file=data_args.train_file,
         validation_file=data_args.validation_file,

@@ -308,13 +308,26 @@ def test_distill_accelerate_takes_the_objective_and_data_flags_of_distill_glue()
     from ad2_ds.flags import from_flags
     from ad2_ds.run import DataConfig
 
-    args = distill_accelerate.parse_args(
-        ["--train_file", "a.csv", "--validation_file", "b.csv", "--teacher", "t", "--output_dir", "o",
-         "--method", "ad2-dkd", "--perturb_norm", "token-l2", "--perturb_size", "relative", "--epsilon", "0.05",
-         "--text_column", "question,sentence"]  # fmt: skip
-    )
+    argv = ["--train_file", "a.csv", "--validation_file", "b.csv", "--teacher", "t", "--output_dir", "o",
+            "--method", "ad2-dkd", "--perturb_norm", "token-l2", "--perturb_size", "relative", "--epsilon", "0.05",
+            "--text_column", "question,sentence"]  # fmt: skip
+    args = distill_accelerate.parse_args(argv)
     cfg = from_flags(AD2Config, vars(args))
     assert (cfg.method, cfg.perturb_norm, cfg.perturb_size, cfg.epsilon) == ("ad2-dkd", "token-l2", "relative", 0.05)
     assert cfg.step_size == AD2Config(method="ad2-dkd").step_size  # unset flags keep the preset's values
     data = DataConfig(train_file="a.csv", validation_file="b.csv", text_column=args.text_column)
     assert data.custom().text_columns == ("question", "sentence")
+
+
+def test_distill_trainer_takes_the_objective_flags_of_distill_glue():
+    import importlib
+
+    sys.path.insert(0, str(REPO / "recipes"))
+    distill_trainer = importlib.import_module("distill_trainer")
+    from ad2_ds import AD2Config
+
+    base = ["--output_dir", "o", "--train_file", "a.csv", "--validation_file", "b.csv"]
+    *_, cfg = distill_trainer.parse(base + ["--method", "ad2-dkd", "--perturb_norm", "token-l2", "--epsilon", "0.05"])
+    assert (cfg.method, cfg.perturb_norm, cfg.epsilon) == ("ad2-dkd", "token-l2", 0.05)
+    assert cfg.step_size == AD2Config(method="ad2-dkd").step_size  # unset flags keep the preset's values
+    assert distill_trainer.parse(base)[-1] == AD2Config()  # no flag: the ad2 preset, as before
