@@ -352,17 +352,16 @@ def load_data(data: DataConfig, rank_zero_first: bool = True):
 
 
 def classifier_config(path, num_labels, trust_remote_code, role, task=None):
-    """The checkpoint's config, checked for the task (see :func:`load_classifier`); reads no weights."""
+    """The checkpoint's config, checked for the task (see :func:`load_classifier`); reads no weights. A teacher for
+    the user's own data is checked by label name by the caller, which also needs the label order
+    (:func:`ad2_ds.data.custom.match_teacher_labels`)."""
     from transformers import AutoConfig
 
     custom = task is not None and task.is_custom
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
-    if custom and has_head and role == "teacher":
-        from .data.custom import match_teacher_labels
-
-        match_teacher_labels(config, task)
-    elif has_head and config.num_labels != num_labels:
+    by_name = custom and role == "teacher"
+    if has_head and not by_name and config.num_labels != num_labels:
         raise ValueError(f"{role} {path} predicts {config.num_labels} labels but the task has {num_labels}")
     if role == "teacher" and not has_head:
         raise ValueError(
