@@ -26,9 +26,19 @@ def test_every_setting_is_a_valid_run(setting, tmp_path):
 
     ds = os.path.join(ad2_selection.ROOT, "ds_configs", "zero2.json")
     flags = ["--deepspeed", ds, "--output_dir", str(tmp_path)]
-    cfg = distill_glue.parse_args(flags + ad2_selection.SETTINGS[setting]).objective  # the RunConfig checks itself
-    assert cfg.adversarial == (setting != "kd") and not cfg.deep_kd  # one logits-only teacher cache per task
+    run = distill_glue.parse_args(flags + ad2_selection.SETTINGS[setting])  # the RunConfig checks itself
+    cfg = run.objective
+    assert cfg == ad2_selection.objective_of(setting)  # what the cache choice reads is what the run gets
+    baseline = setting in ("kd", "finetune", "pkd", "eda4")
+    deep = setting == "paper" or "-dkd" in setting
+    assert cfg.adversarial == (not baseline) and cfg.deep_kd == deep
+    assert cfg.needs_hidden_states == (deep or setting == "pkd") and cfg.needs_attentions == deep
     assert cfg.zero_delta == (setting == "eps0") and cfg.random_direction == setting.endswith("-random")
+    assert (run.data.augment_copies == 4) == (setting == "eda4")
+    cache = ad2_selection.teacher_cache("runs", "trec", setting)  # attention maps are never cached: a live teacher
+    expected = {"pkd": "trec-hidden", "eda4": "trec-eda4", "paper": None}.get(setting, "trec")
+    expected = None if "-dkd" in setting else expected
+    assert cache == (expected and os.path.join("runs", "cache", expected))
 
 
 def test_selection_takes_the_median_over_finished_tasks_and_never_a_control():
@@ -50,8 +60,8 @@ def test_selection_takes_the_median_over_finished_tasks_and_never_a_control():
     assert ad2_selection.select(dev, ["eps0", "x"], ["a", "b", "c"])[0] is None  # no kd: no rule
 
 
-def _write_run(out_dir, task, setting, dev, test, teacher, seconds=100.0):
-    path = ad2_selection.run_dir(str(out_dir), task, setting, 42)
+def _write_run(out_dir, task, setting, dev, test, teacher, seconds=100.0, seed=42):
+    path = ad2_selection.run_dir(str(out_dir), task, setting, seed)
     os.makedirs(path)
     metric = "accuracy"
     config = {"method": "kd", "epsilon": 0, "step_size": 0, "pga_steps": 1, "perturbation": "pga"}
@@ -91,9 +101,10 @@ def test_test_split_is_read_only_after_selection_and_never_enters_it(tmp_path, c
     assert result["selection"]["median_minus_kd"] == {"ex-l2-abs1": 2.0, "tok-l2-rel0.05": 1.0}
     assert result["selection"]["random_control"] == "ex-l2-abs1-random"
     rows = result["test"]["rows"]
-    assert list(rows) == ["teacher", "kd", "eps0", "ex-l2-abs1", "ex-l2-abs1-random"]  # not the test winner
+    assert list(rows) == ["teacher", "kd", "eps0", "ex-l2-abs1-random", "ex-l2-abs1"]  # not the test winner
     cell = rows["ex-l2-abs1"]["trec"]
-    assert cell == {"test": 79.0, "minus_kd": 1.0, "pct_teacher": 98.75, "total_seconds": 110.0}
+    one_seed = {"min": 79.0, "max": 79.0, "n": 1}
+    assert cell == {"test": 79.0, **one_seed, "minus_kd": 1.0, "pct_teacher": 98.75, "total_seconds": 110.0}
     assert rows["teacher"]["trec"] == {"test": 80.0}
     assert result["teachers"]["trec"]["source"].endswith("finetune_results.json")
     assert result["test"]["means"]["eps0"]["minus_kd"] == 0.5
@@ -103,5 +114,52 @@ def test_test_split_is_read_only_after_selection_and_never_enters_it(tmp_path, c
         "mean_minus_eps0": 0.5,
         "mean_pct_teacher": 98.75,
         "reached": False,  # 2 tasks, the rule asks for 3 of 4 at +1.0
+        "min_seeds": 1,
+        "seconds_vs_kd": 1.0,
     }
     assert "chosen ex-l2-abs1" in capsys.readouterr().out
+
+
+def test_seeds_after_the_first_never_select_and_the_table_is_their_median(tmp_path):
+    """Three seeds: only the first seed's dev selects (the later seeds' dev favours another setting); each test cell
+    is the median [min, max] over the seeds, minus kd's median; the baselines are rows, never candidates, and a task
+    without them still counts as finished."""
+    tasks = ["trec", "movie-polarity"]
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "finetune_results.json").write_text(json.dumps({"test": {"accuracy": 0.80}}))
+    settings = ["kd", "eps0", "ex-l2-abs1", "tok-l2-rel0.05", "pkd"]
+    dev = {
+        42: {"kd": 0.80, "eps0": 0.80, "ex-l2-abs1": 0.82, "tok-l2-rel0.05": 0.81, "pkd": 0.90},
+        43: {"kd": 0.80, "eps0": 0.80, "ex-l2-abs1": 0.80, "tok-l2-rel0.05": 0.90, "pkd": 0.80},
+        44: {"kd": 0.80, "eps0": 0.80, "ex-l2-abs1": 0.80, "tok-l2-rel0.05": 0.90, "pkd": 0.80},
+    }
+    test = {  # ex-l2-abs1 over kd per seed: +3, +0, +1.5 -> medians 79.5 vs 78.0
+        "kd": {42: 0.78, 43: 0.79, 44: 0.77},
+        "eps0": {42: 0.78, 43: 0.78, 44: 0.78},
+        "ex-l2-abs1": {42: 0.81, 43: 0.79, 44: 0.785},
+        "tok-l2-rel0.05": {42: 0.70, 43: 0.70, 44: 0.70},
+        "pkd": {42: 0.75, 43: 0.76, 44: 0.74},
+    }
+    for seed in (42, 43, 44):
+        for task in tasks:
+            for s in settings:
+                if s == "pkd" and task == "movie-polarity" and seed == 42:
+                    continue  # a baseline missing on the selection seed does not unfinish the task
+                _write_run(tmp_path / "runs", task, s, dev[seed][s], test[s][seed], teacher, 100.0 + seed, seed)
+    out = tmp_path / "sel.json"
+    argv = ["--collect_only", "--out_dir", str(tmp_path / "runs"), "--json_out", str(out), "--seeds", "42", "43", "44"]
+    assert ad2_selection.main(argv + ["--tasks", *tasks, "--settings", *settings]) == 0
+    result = json.loads(out.read_text())
+    assert result["selection"]["finished_tasks"] == tasks
+    assert result["selection"]["chosen"] == "ex-l2-abs1"  # seed 42's dev; seeds 43-44 would pick tok-l2-rel0.05
+    assert result["selection"]["median_minus_kd"] == {"ex-l2-abs1": 2.0, "tok-l2-rel0.05": 1.0}  # pkd: no candidate
+    rows = result["test"]["rows"]
+    assert list(rows) == ["teacher", "kd", "pkd", "eps0", "ex-l2-abs1"]  # no random control was run
+    cell = rows["ex-l2-abs1"]["trec"]
+    spread = {"test": 79.0, "min": 78.5, "max": 81.0, "n": 3}
+    seconds = 153.0  # the median of 100 + seed training seconds, plus 10 of setup
+    assert cell == spread | {"minus_kd": 1.0, "pct_teacher": 98.75, "total_seconds": seconds}
+    assert rows["pkd"]["movie-polarity"]["n"] == 2 and rows["pkd"]["trec"]["n"] == 3
+    assert result["goal"]["tasks_at_least_plus1_over_kd"] == tasks and result["goal"]["min_seeds"] == 3
+    assert result["goal"]["mean_minus_eps0"] == 1.0
