@@ -35,6 +35,8 @@ def default_teacher_dir(config, task) -> str:
         f"{task.name}{layout}-{DEFAULT_MODEL}-n{data.max_train_samples}-len{data.max_seq_length}"
         f"-e{config.teacher_epochs}-s{config.teacher_seed}"
     )
+    if data.test_from_train:  # the teacher never trains on the examples the student is tested on
+        key += f"-test{data.test_from_train:g}"
     if data.data_dir:
         key += "-" + os.path.abspath(data.data_dir).strip("/").replace("/", "_")
     if data.is_custom:  # the user's own data: keyed by its content, so two different CSVs never share a teacher
@@ -61,6 +63,7 @@ def finetune_config(config, run_dir: str, ds_config: dict):
             data_dir=data.data_dir,
             max_seq_length=data.max_seq_length,
             max_train_samples=data.max_train_samples,
+            test_from_train=data.test_from_train,
             **{f: getattr(data, f) for f in CUSTOM_DATA_FIELDS},
         ),
         student=DEFAULT_MODEL,

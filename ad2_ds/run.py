@@ -74,6 +74,10 @@ class DataConfig:
     max_seq_length: int = setting(64)
     max_train_samples: int = setting(2000, "0: the whole train split")
     max_eval_samples: int = setting(0, "0: the whole dev split", teacher_outputs=False)
+    test_from_train: float = setting(
+        0.0, "a GLUE task: move a fixed hash-chosen fraction of train into a labelled test split, scored once with "
+        "the student chosen on dev (GLUE's own test labels are hidden); 0: none",
+    )  # fmt: skip
     augment_copies: int = setting(
         0, "text-editing baseline: add N WordNet synonym-replaced copies of every training example (TinyBERT's xN)"
     )
@@ -98,8 +102,24 @@ class DataConfig:
             raise ConfigError("max_train_samples", "and max_eval_samples must be >= 0 (0: the whole split)")
         if self.augment_copies < 0:
             raise ConfigError("augment_copies", f"must be >= 0, got {self.augment_copies}")
+        if self.test_from_train:
+            self._check_test_from_train()
         if not 0.0 < self.augment_alpha <= 1.0:
             raise ConfigError("augment_alpha", f"must be in (0, 1], got {self.augment_alpha}")
+
+    def _check_test_from_train(self) -> None:
+        from .data.tasks import get_task
+
+        if not 0.0 < self.test_from_train < 1.0:
+            raise ConfigError("test_from_train", f"must be in (0, 1), got {self.test_from_train}")
+        if self.is_custom:
+            raise ConfigError("test_from_train", "is for GLUE tasks: your own data's test split is --test_file")
+        try:
+            task = get_task(self.task)
+        except ValueError:
+            return  # the task check says what is wrong
+        if task.test_split:
+            raise ConfigError("test_from_train", f"{task.name} already has a labelled test split: drop the flag")
 
     @property
     def is_custom(self) -> bool:
@@ -328,6 +348,11 @@ def load_data(data: DataConfig, rank_zero_first: bool = True):
     else:
         task = get_task(data.task)
         raw = load_task(task, data.data_dir)
+        if data.test_from_train:  # before the training subset: test never holds an example train could draw
+            from .data.glue import carve_test_split
+
+            raw = carve_test_split(raw, data.test_from_train)
+            task = dataclasses.replace(task, test_split="test")
     train_raw = raw["train"]
     if data.max_train_samples and data.max_train_samples < len(train_raw):
         # A fixed subset (seed 0), the same for every method and seed: low-resource comparisons stay paired.

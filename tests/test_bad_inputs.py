@@ -74,9 +74,16 @@ CASES = {
         lambda t, d, te, ds: {"--augment_copies": "2", "--wordnet_dir": str(t)},
         "apt install wordnet-base",
     ),
-    "augmentation alpha out of range": (lambda t, d, te, ds: {"--augment_copies": "2", "--augment_alpha": "0"},
-                                        "--augment_alpha"),  # fmt: skip
+    "augmentation alpha out of range": (
+        lambda t, d, te, ds: {"--augment_copies": "2", "--augment_alpha": "0"},
+        "--augment_alpha",
+    ),
     "teacher without a trained head": (lambda t, d, te, ds: {"--teacher": str(_base_model(t))}, "no fine-tuned"),
+    "test carved out of all of train": (lambda t, d, te, ds: {"--test_from_train": "1"}, "--test_from_train"),
+    "test carved where a test split exists": (
+        lambda t, d, te, ds: {"--task": "trec", "--data_dir": "", "--test_from_train": "0.1"},
+        "already has a labelled test split",
+    ),
 }
 
 

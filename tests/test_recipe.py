@@ -396,3 +396,32 @@ def test_default_teacher_is_fine_tuned_once_outside_the_students_monitor(
     assert distill_glue.main(argv + ["--seed", "43"]) == 0
     assert "teacher: reusing" in capsys.readouterr().out
     assert list((tmp_path / "cache" / "teachers").rglob("config.json")) == teachers
+
+
+def test_a_glue_task_gets_a_labelled_test_split_carved_from_train(fixture_dirs, tmp_path, no_dist_left):
+    """--test_from_train: a fixed hash-chosen part of GLUE's train becomes a labelled test split; the student is chosen
+    on dev and scored once on it, the teacher too, and no test example is trained on."""
+    import datasets
+
+    from ad2_ds.data.glue import carve_test_split, load_task
+    from ad2_ds.data.tasks import get_task
+    from ad2_ds.run import DataConfig, load_data
+    from recipes import distill_glue
+
+    data, teacher, ds = fixture_dirs
+    raw = load_task(get_task("sst2"), str(data))
+    carved = carve_test_split(datasets.DatasetDict(raw), 0.25)
+    assert 0 < len(carved["test"]) < len(raw["train"])
+    task, splits = load_data(DataConfig(task="sst2", data_dir=str(data), test_from_train=0.25), rank_zero_first=False)
+    assert task.test_split == "test" and splits["test"]["text_a"] == carved["test"]["text_a"]
+    assert not set(splits["train"]["text_a"]) & set(splits["test"]["text_a"])  # duplicates stay on one side
+    assert len(splits["train"]) + len(splits["test"]) == len(raw["train"])
+    assert get_task("sst2").test_split is None  # the registry's spec is untouched
+
+    out = tmp_path / "run"
+    argv = _argv(data, teacher, ds, out, "--num_train_epochs", "1", "--method", "kd", "--test_from_train", "0.25")
+    assert distill_glue.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["train_examples"] == len(carved["train"])
+    assert set(results["test"]) >= {"accuracy"} and set(results["teacher_test"]) >= {"accuracy"}
+    assert results["run_config"]["data"]["test_from_train"] == 0.25
