@@ -361,6 +361,7 @@ def test_sigterm_on_one_rank_stops_both_at_a_checkpoint_then_resumes(uninterrupt
 
 def test_default_teacher_is_shared_by_student_seeds(monkeypatch, tmp_path):
     """A sweep over --seed must distil from one default teacher, not fine-tune one per student seed."""
+    from ad2_ds import default_teacher
     from ad2_ds.data.tasks import get_task
     from ad2_ds.default_teacher import default_teacher_dir
     from recipes import distill_glue
@@ -373,6 +374,12 @@ def test_default_teacher_is_shared_by_student_seeds(monkeypatch, tmp_path):
     assert "movie-polarity-splitv2-" in dirs["42"]  # trained on the v2 train split, which holds no test example
     other = default_teacher_dir(distill_glue.parse_args(base + ["--seed", "43", "--teacher_seed", "7"]), task)
     assert other.endswith("-s7")
+    glue = ["--task", "sst2"]
+    whole, carved = (default_teacher_dir(distill_glue.parse_args(base + glue + f), get_task("sst2"))
+                     for f in ([], ["--test_from_train", "0.1"]))  # fmt: skip
+    assert carved == whole + "-test0.1"  # a teacher fine-tuned on all of train never meets a carved test split
+    ft = default_teacher.finetune_config(distill_glue.parse_args(base + glue + ["--test_from_train", "0.1"]), "x", {})
+    assert ft.data.test_from_train == 0.1
 
 
 def test_default_teacher_is_fine_tuned_once_outside_the_students_monitor(
