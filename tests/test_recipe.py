@@ -200,6 +200,9 @@ def test_recipe_with_a_teacher_cache_and_a_given_student(fixture_dirs, tmp_path,
     a = json.loads((tmp_path / "a" / "results.json").read_text())
     b = json.loads((tmp_path / "b" / "results.json").read_text())
     assert a["history"] == b["history"]  # same seed, same cached targets: the same run
+    # down to the weights: building the cache (run a) must not move the RNG the student's dropout draws from
+    weights_a, weights_b = (_final_weights(tmp_path / run)[1] for run in "ab")
+    assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     assert a["engine"]["zero_stage"] == 2  # --keep_zero_stage
     phases = {"load_and_augment_data", "evaluate_teacher_and_latency", "objective_and_engine", "teacher"}
     assert set(a["setup_seconds"]) == phases and all(v >= 0 for v in a["setup_seconds"].values())

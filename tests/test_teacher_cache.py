@@ -213,3 +213,16 @@ def test_a_corrupted_row_is_refused_never_returned(tmp_path):
     batch["idx"] = torch.tensor([4, 5])
     with pytest.raises(ValueError, match=r"corrupted cache .* fails its crc32 check"):
         cached(batch)
+
+
+def test_building_a_cache_leaves_the_random_state_as_it_was(tmp_path):
+    """The first run of a sweep builds the cache, the others read it: the build must not move torch's RNG (a
+    DataLoader draws its base seed from it when it starts), or the first run's dropout masks differ from the rest."""
+    model = tiny_bert(num_labels=3)
+    loader = torch.utils.data.DataLoader(_batches(), batch_size=None)
+    torch.manual_seed(0)
+    build_teacher_cache(LocalTeacher(model), loader, tmp_path, _fp(model), num_examples=10)
+    after_build = torch.rand(4)
+    torch.manual_seed(0)
+    CachedTeacher(tmp_path, _fp(model))(_batches()[0])
+    assert torch.equal(torch.rand(4), after_build)

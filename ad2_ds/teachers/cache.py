@@ -181,6 +181,9 @@ def bytes_per_example(num_logits: int, mean_tokens: float = 0.0, num_layers: int
     return float(fixed)
 
 
+# The pass leaves torch's CPU random state as it found it: a DataLoader draws its base seed from it when it starts, so
+# a run that builds the cache would otherwise train its student on other dropout masks than the same run reading it.
+@torch.random.fork_rng(devices=[])
 def build_teacher_cache(
     teacher: Teacher,
     dataloader: Iterable[Mapping[str, torch.Tensor]],
