@@ -14,7 +14,9 @@ Fields are declared with :func:`setting` (``setting(64, "max tokens per example"
 - ``cli``: False for a field with no flag.
 - ``teacher_outputs``: False when the value cannot change what the teacher returns for the training data, so runs
   differing only in it may share one teacher cache (the sweep's cache sharing reads this; the default is True, the
-  safe side).
+  safe side). ``teacher_outputs="unless default"``: it can, but only away from its default, which is what every run
+  before the field existed did; a teacher cache's fingerprint leaves it out at its default, so adding such a field
+  does not make the caches users already built stale.
 """
 
 import argparse

@@ -76,7 +76,7 @@ class DataConfig:
     max_eval_samples: int = setting(0, "0: the whole dev split", teacher_outputs=False)
     test_from_train: float = setting(
         0.0, "a GLUE task: move a fixed hash-chosen fraction of train into a labelled test split, scored once with "
-        "the student chosen on dev (GLUE's own test labels are hidden); 0: none",
+        "the student chosen on dev (GLUE's own test labels are hidden); 0: none", teacher_outputs="unless default",
     )  # fmt: skip
     augment_copies: int = setting(
         0, "text-editing baseline: add N WordNet synonym-replaced copies of every training example (TinyBERT's xN)"
@@ -250,12 +250,18 @@ class RunConfig:
 
     def teacher_settings(self) -> dict:
         """The settings that can change the teacher's outputs (field metadata ``teacher_outputs``), except the
-        objective's: a cache holds the layers it was built with and says so when a run needs more."""
-        return {
-            path[-1]: getattr(self.data if path[0] == "data" else self, path[-1])
-            for path, f, _ in walk(RunConfig)
-            if f.metadata.get("teacher_outputs", True) and path[0] != "objective" and path[-1] != "teacher_cache"
-        }
+        objective's: a cache holds the layers it was built with and says so when a run needs more. A field marked
+        ``"unless default"`` is left out at its default (the caches built before it existed stay valid)."""
+        out = {}
+        for path, f, _ in walk(RunConfig):
+            marked = f.metadata.get("teacher_outputs", True)
+            if not marked or path[0] == "objective" or path[-1] == "teacher_cache":
+                continue
+            value = getattr(self.data if path[0] == "data" else self, path[-1])
+            if marked == "unless default" and value == f.default:
+                continue
+            out[path[-1]] = value
+        return out
 
 
 def check_run(config: RunConfig, world_size: int) -> dict:

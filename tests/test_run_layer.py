@@ -230,3 +230,15 @@ def test_a_regression_target_of_minus_one_is_a_label():
     assert not _labelled(datasets.Dataset.from_dict({"label": [0, -1, 1]}))  # a missing class label
     assert _labelled(datasets.Dataset.from_dict({"label": [0, 1, 1]}))
     assert not _labelled(datasets.Dataset.from_dict({"text": ["a"]}))
+
+
+def test_a_field_added_with_its_old_behaviour_as_default_keeps_existing_caches_valid():
+    """A teacher cache's fingerprint holds teacher_settings(): test_from_train (added after caches existed) is left
+    out at its default, so a cache built before it is not stale; away from the default it changes the fingerprint."""
+    from ad2_ds.run import DataConfig
+
+    plain = RunConfig(deepspeed=ZERO2, data=DataConfig(task="sst2")).teacher_settings()
+    carved = RunConfig(deepspeed=ZERO2, data=DataConfig(task="sst2", test_from_train=0.1)).teacher_settings()
+    assert "test_from_train" not in plain and carved["test_from_train"] == 0.1
+    assert {k: v for k, v in carved.items() if k != "test_from_train"} == plain
+    assert "max_train_samples" in plain and "seed" not in plain  # the other markings as before
