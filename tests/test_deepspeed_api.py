@@ -14,7 +14,7 @@ def test_public_api_in_a_deepspeed_loop(one_rank, stage):
     deepspeed = one_rank
     teacher, student = tiny_bert(seed=1, layers=4), tiny_bert(seed=2, layers=2, hidden=16).train()
     # --- what a user writes (the loop below is the whole integration) ---
-    objective = AD2Objective(student, AD2Config(method="ad2", epsilon=1e-3), teacher_config=teacher.config)
+    objective = AD2Objective(student, AD2Config(method="ad2-paper", epsilon=1e-3), teacher_config=teacher.config)
     optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-3)
     ds_config = {
         "train_micro_batch_size_per_gpu": 4,

@@ -83,7 +83,7 @@ def test_ad2_trainer_one_rank(tmp_path, tiny_tokenizer):
         data_collator=DataCollator(tiny_tokenizer.pad_token_id),
         compute_metrics=metrics_function(spec),
         teacher=teacher,
-        ad2_config=AD2Config(method="ad2", epsilon=1e-2, step_size=1e-2),
+        ad2_config=AD2Config(method="ad2-paper", epsilon=1e-2, step_size=1e-2),
     )
     projections = getattr(student, PROJECTIONS)
     assert len(projections) > 0  # widths 16 vs 32
@@ -125,7 +125,7 @@ def test_ad2_trainer_without_a_teacher_and_with_a_cache_like_teacher(tmp_path, t
                    ad2_config=AD2Config(method="kd"))  # fmt: skip
     with pytest.raises(ValueError, match="output_hidden_states"):
         AD2Trainer(model=student, args=training_args(tmp_path / "a"), train_dataset=enc["train"],
-                   teacher=LocalTeacher(teacher), ad2_config=AD2Config(method="ad2"))  # fmt: skip
+                   teacher=LocalTeacher(teacher), ad2_config=AD2Config(method="ad2-paper"))  # fmt: skip
 
     seen = []
 
@@ -188,12 +188,13 @@ def recipe_inputs(tmp_path_factory):
 
 
 def _trainer_argv(data, teacher, out, *extra):
+    # --method ad2-paper: every term, deep KD included, goes through the Trainer
     return [
         "--train_file", str(data / "train.csv"), "--validation_file", str(data / "dev.csv"),
         "--test_file", str(data / "test.csv"), "--teacher", str(teacher), "--student_layers", "bottom:1",
         "--output_dir", str(out), "--num_train_epochs", "2", "--per_device_train_batch_size", "4",
         "--max_seq_length", "16", "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "1",
-        "--learning_rate", "1e-3", *extra,
+        "--learning_rate", "1e-3", "--method", "ad2-paper", *extra,
     ]  # fmt: skip
 
 
@@ -222,7 +223,7 @@ def test_distill_trainer_recipe_in_process(recipe_inputs, tmp_path, capsys):
     data, teacher = recipe_inputs
     assert distill_trainer.main(_trainer_argv(data, teacher, tmp_path / "run", "--use_cpu")) == 0
     _check_results(tmp_path / "run", 1, False)
-    assert "| student (ad2) |" in capsys.readouterr().out
+    assert "| student (ad2-paper) |" in capsys.readouterr().out
 
     # bad input: one line, exit 2, nothing written
     bad_out = tmp_path / "bad"

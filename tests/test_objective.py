@@ -1,6 +1,7 @@
 """The AD2 objective on tiny random BERTs: terms, δ, fast path, gradients, presets, errors."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ def test_zero_kd_and_ada_when_student_equals_teacher():
     teacher = tiny_bert(seed=1)
     batch = random_batch()
     t = teacher_out(teacher, batch)
-    obj = AD2Objective(copy.deepcopy(teacher), AD2Config(method="ad2"), teacher_config=teacher.config)
+    obj = AD2Objective(copy.deepcopy(teacher), AD2Config(method="ad2-paper"), teacher_config=teacher.config)
     losses = obj(batch, t)
     assert losses["kd"].abs() < 1e-6
     assert losses["ada"].abs() < 1e-8  # ε = 1e-5 moves the output by O(ε²) in KL
@@ -78,7 +79,7 @@ def test_ascent_increases_adversarial_kl(setup):
 def test_fast_path_equals_naive_path(setup):
     teacher, student, batch, t = setup  # models are in eval mode: no dropout
     for steps in (1, 3):
-        cfg = dict(method="ad2", epsilon=0.05, step_size=0.02, pga_steps=steps)
+        cfg = dict(method="ad2-paper", epsilon=0.05, step_size=0.02, pga_steps=steps)
         fast = AD2Objective(student, AD2Config(**cfg, fast_pga=True), teacher.config)
         naive = AD2Objective(student, AD2Config(**cfg, fast_pga=False), teacher.config)
         l_fast, l_naive = fast(batch, t), naive(batch, t)
@@ -92,7 +93,7 @@ def test_fast_path_runs_fewer_student_forwards(setup):
     calls = []
     handle = student.register_forward_pre_hook(lambda *a: calls.append(1))
     for fast, expected in ((True, 2), (False, 3)):
-        obj = AD2Objective(student, AD2Config(method="ad2", fast_pga=fast), teacher.config)
+        obj = AD2Objective(student, AD2Config(method="ad2-paper", fast_pga=fast), teacher.config)
         calls.clear()  # count the step's forwards, not the construction's attention probe
         obj(batch, t)
         obj._tap.remove()
@@ -102,7 +103,7 @@ def test_fast_path_runs_fewer_student_forwards(setup):
 
 def test_perturbation_leaves_student_grads_untouched(setup):
     teacher, student, batch, t = setup
-    obj = AD2Objective(student, AD2Config(method="ad2", epsilon=0.1, step_size=0.1), teacher.config)
+    obj = AD2Objective(student, AD2Config(method="ad2-paper", epsilon=0.1, step_size=0.1), teacher.config)
     losses = obj(batch, t)  # the ascent has run, the caller has not called backward yet
     assert all(p.grad is None for p in student.parameters())
     losses["loss"].backward()
@@ -111,7 +112,7 @@ def test_perturbation_leaves_student_grads_untouched(setup):
 
     # Reference: the same loss with δ fixed from outside; its gradients must equal the objective's exactly.
     delta = obj.last_delta
-    ref = AD2Objective(student, AD2Config(method="ad2", alpha=0.0), teacher.config)
+    ref = AD2Objective(student, AD2Config(method="ad2-paper", alpha=0.0), teacher.config)
     clean = ref(batch, t)["loss"]
     with EmbeddingTap(find_embedding_module(student)) as tap:
         tap.delta = delta
@@ -137,8 +138,9 @@ def test_perturbation_leaves_student_grads_untouched(setup):
         ("finetune", {"ce"}, {"kd", "ada", "hidden", "pkd"}),
         ("kd", {"ce", "kd"}, {"ada", "hidden", "attention", "pkd"}),
         ("pkd", {"ce", "kd", "pkd", "cls/1-2"}, {"ada", "hidden"}),
+        ("ad2", {"ce", "kd", "ada", "delta_norm_max"}, {"hidden", "attention", "ada_hidden", "pkd"}),
         (
-            "ad2",
+            "ad2-paper",
             {
                 "ce",
                 "kd",
@@ -189,8 +191,27 @@ def test_ad2_kd_uses_labels_not_teacher(setup):
     assert losses["ada"].item() == pytest.approx(losses["ce"].item(), rel=1e-6)
 
 
+def test_the_default_ad2_is_the_setting_chosen_on_dev_and_the_paper_keeps_its_own():
+    """ad2 (the default method) is frozen at what the selection chose (docs/RESULTS.md): no deep KD, one L2 ball of
+    radius 1 per sentence on the embedding output, eta 1, one step; ad2-paper is the paper as written."""
+    ad2, paper = AD2Config(), AD2Config(method="ad2-paper")
+    assert ad2.method == "ad2" and (ad2.w_ce, ad2.w_kd, ad2.alpha, ad2.w_hidden, ad2.w_attention) == (1, 1, 1, 0, 0)
+    assert (ad2.perturbation, ad2.perturb_norm, ad2.perturb_size, ad2.perturb_place) == (
+        "pga", "example-l2", "absolute", "output"
+    )  # fmt: skip
+    assert (ad2.epsilon, ad2.step_size, ad2.pga_steps) == (1.0, 1.0, 1) and not ad2.deep_kd
+    assert (paper.epsilon, paper.step_size, paper.pga_steps, paper.w_hidden, paper.w_attention) == (
+        1e-5,
+        1e-3,
+        1,
+        1,
+        1,
+    )
+    assert AD2Config(method="ad2-dkd") == dataclasses.replace(ad2, method="ad2-dkd")  # the same, by its old name
+
+
 def test_preset_overridable_term_by_term():
-    cfg = AD2Config(method="ad2", w_attention=0.0, alpha=0.5, w_kd=2.0)
+    cfg = AD2Config(method="ad2-paper", w_attention=0.0, alpha=0.5, w_kd=2.0)
     assert (cfg.w_attention, cfg.alpha, cfg.w_kd, cfg.w_hidden) == (0.0, 0.5, 2.0, 1.0)
     assert not cfg.needs_attentions and cfg.needs_hidden_states
 
@@ -212,7 +233,7 @@ def test_deterministic_under_fixed_seed(setup):
     results = []
     for _ in range(2):
         student = tiny_bert(seed=2, layers=2).train()  # dropout on
-        obj = AD2Objective(student, AD2Config(method="ad2", random_start=True, epsilon=0.1), teacher.config)
+        obj = AD2Objective(student, AD2Config(method="ad2-paper", random_start=True, epsilon=0.1), teacher.config)
         torch.manual_seed(123)
         losses = obj(batch, t)
         losses["loss"].backward()
@@ -224,15 +245,15 @@ def test_deterministic_under_fixed_seed(setup):
 def test_width_and_head_mismatch(setup):
     teacher, _, batch, t = setup
     student = tiny_bert(seed=3, layers=2, hidden=16, heads=2)
-    obj = AD2Objective(student, AD2Config(method="ad2"), teacher.config)
+    obj = AD2Objective(student, AD2Config(method="ad2-paper"), teacher.config)
     losses = obj(batch, t)
     losses["loss"].backward()
     assert set(obj.projections) == {"0", "1", "2"}
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in obj.projections.parameters())
     with pytest.raises(ValueError, match="attention heads"):
-        AD2Objective(student, AD2Config(method="ad2", head_mismatch="error"), teacher.config)(batch, t)
+        AD2Objective(student, AD2Config(method="ad2-paper", head_mismatch="error"), teacher.config)(batch, t)
     with pytest.raises(ValueError, match="teacher_config"):
-        AD2Objective(student, AD2Config(method="ad2"))(batch, t)  # widths differ, no projections built
+        AD2Objective(student, AD2Config(method="ad2-paper"))(batch, t)  # widths differ, no projections built
 
 
 @pytest.mark.parametrize(
@@ -256,7 +277,7 @@ def test_bad_inputs_raise_clear_errors(setup):
     teacher, student, batch, t = setup
     with pytest.raises(ValueError, match="labels"):
         AD2Objective(student, AD2Config(method="kd"), teacher_config=tiny_bert(num_labels=3).config)
-    obj = AD2Objective(student, AD2Config(method="ad2"), teacher.config)
+    obj = AD2Objective(student, AD2Config(method="ad2-paper"), teacher.config)
     with pytest.raises(ValueError, match="hidden states"):
         obj(batch, TeacherOutput(t.logits, None, t.attentions))
     with pytest.raises(ValueError, match="needs teacher outputs"):
@@ -276,7 +297,9 @@ def test_layer_map_strategies():
     assert layer_pairs("top", 3, 6) == [(1, 4), (2, 5), (3, 6)]
     assert layer_pairs("1:1,2:6", 2, 6) == [(1, 1), (2, 6)]
     with pytest.raises(ValueError, match="teacher layer 9"):
-        AD2Objective(tiny_bert(layers=2), AD2Config(method="ad2", layer_map="1:1,2:9"), tiny_bert(layers=4).config)
+        AD2Objective(
+            tiny_bert(layers=2), AD2Config(method="ad2-paper", layer_map="1:1,2:9"), tiny_bert(layers=4).config
+        )
 
 
 def test_delta_applied_reports_rounding_in_low_precision(setup, caplog):

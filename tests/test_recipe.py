@@ -189,8 +189,8 @@ def test_recipe_with_a_teacher_cache_and_a_given_student(fixture_dirs, tmp_path,
     data, teacher, ds = fixture_dirs
     student = save_tiny_teacher(tmp_path / "student", tiny_vocab, layers=1)  # any HF checkpoint can be the student
     cache = tmp_path / "cache"
-    args = ["--num_train_epochs", "1", "--teacher_cache", str(cache), "--w_attention", "0", "--student", str(student),
-            "--keep_zero_stage"]  # fmt: skip
+    args = ["--num_train_epochs", "1", "--teacher_cache", str(cache), "--method", "ad2-paper", "--w_attention", "0",
+            "--student", str(student), "--keep_zero_stage"]  # fmt: skip
     assert distill_glue.main(_argv(data, teacher, ds, tmp_path / "a", *args)) == 0
     meta = json.loads((cache / "meta.json").read_text())
     assert meta["hidden_layers"] == [0, 2]  # uniform map 1 student layer -> teacher layer 2, plus the embeddings
@@ -249,7 +249,8 @@ def test_teacher_and_student_with_different_tokenizers(fixture_dirs, tmp_path, t
     results = json.loads((out / "results.json").read_text())
     assert results["history"] and "accuracy" in results["teacher_scores"]
     # deep KD compares token positions: refused up front with one line
-    assert distill_glue.main(_argv(data, teacher, ds, tmp_path / "deep", "--student", str(student))) == 2
+    deep = ["--student", str(student), "--method", "ad2-paper"]
+    assert distill_glue.main(_argv(data, teacher, ds, tmp_path / "deep", *deep)) == 2
     assert "tokenizers differ" in capsys.readouterr().err
     assert not (tmp_path / "deep").exists()
 

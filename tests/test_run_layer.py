@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ad2_ds import RunConfig, TeacherOutput
-from ad2_ds.config import ConfigError
+from ad2_ds.config import AD2Config, ConfigError
 from ad2_ds.run import DataConfig
 
 from conftest import random_batch, save_tiny_teacher, tiny_bert, write_glue_fixture
@@ -46,7 +46,7 @@ def test_the_perturbation_flags_come_from_the_objective_fields():
     smart = distill_glue.parse_args(["--deepspeed", ZERO2, "--perturbation", "smart", "--noise_var", "1e-4"]).objective
     assert (smart.perturbation, smart.noise_var, smart.perturb_norm) == ("smart", 1e-4, "example-l2")
     eps0 = distill_glue.parse_args(["--deepspeed", ZERO2, "--method", "ad2-dkd", "--epsilon", "0"]).objective
-    assert eps0.zero_delta and eps0.step_size == 1e-3
+    assert eps0.zero_delta and eps0.step_size == 1.0  # the default η (ad2's)
     with pytest.raises(SystemExit):  # a value outside the field's choices: argparse's one line, exit 2
         distill_glue.parse_args(["--deepspeed", ZERO2, "--perturb_norm", "token-l3"])
     with pytest.raises(ValueError, match="smart"):  # smart renormalises to a fixed size: a relative size is refused
@@ -66,8 +66,11 @@ def test_a_preset_is_the_same_from_python_and_the_command_line_and_round_trips(m
     if method == "ad2-smart":
         assert (obj.perturbation, obj.perturb_norm, obj.perturb_place) == ("smart", "token-linf", "pre-ln")
         assert obj.noise_var == 1e-5
-    else:  # the ad2 preset and the default method stay the paper's literal perturbation
+    elif method == "ad2-paper":  # the paper's literal perturbation
+        assert (obj.perturbation, obj.perturb_norm, obj.epsilon, obj.step_size) == ("pga", "example-l2", 1e-5, 1e-3)
+    else:  # the ad2 preset (the default method) and a preset that says nothing: the perturbation chosen on dev
         assert {k: getattr(obj, k) for k in PERTURBATION_DEFAULTS} == PERTURBATION_DEFAULTS
+        assert (obj.epsilon, obj.step_size) == (1.0, 1.0)
     assert RunConfig().objective.method == "ad2"
 
 
@@ -119,7 +122,7 @@ def test_config_errors_name_the_field_and_the_command_line_names_its_flag():
     with pytest.raises(ValueError, match="num_train_epochs"):
         RunConfig(deepspeed=ZERO2, num_train_epochs=0)
     with pytest.raises(ConfigError, match="teacher_cache"):  # the cache holds no attention maps: refused up front
-        RunConfig(deepspeed=ZERO2, teacher_cache="/tmp/c")
+        RunConfig(deepspeed=ZERO2, teacher_cache="/tmp/c", objective=AD2Config(method="ad2-paper"))
     with pytest.raises(ValueError, match="distinct ranks"):
         RunConfig(deepspeed=ZERO2, teacher_ranks=(1, 1))
     assert error_line(ConfigError("progress", "x")) == "error: --no_progress x"
