@@ -128,11 +128,11 @@ def test_seeds_after_the_first_never_select_and_the_table_is_their_median(tmp_pa
     teacher = tmp_path / "teacher"
     teacher.mkdir()
     (teacher / "finetune_results.json").write_text(json.dumps({"test": {"accuracy": 0.80}}))
-    settings = ["kd", "eps0", "ex-l2-abs1", "tok-l2-rel0.05", "pkd"]
+    settings = ["kd", "eps0", "ex-l2-abs1", "tok-l2-rel0.05", "pkd", "paper"]
     dev = {
-        42: {"kd": 0.80, "eps0": 0.80, "ex-l2-abs1": 0.82, "tok-l2-rel0.05": 0.81, "pkd": 0.90},
-        43: {"kd": 0.80, "eps0": 0.80, "ex-l2-abs1": 0.80, "tok-l2-rel0.05": 0.90, "pkd": 0.80},
-        44: {"kd": 0.80, "eps0": 0.80, "ex-l2-abs1": 0.80, "tok-l2-rel0.05": 0.90, "pkd": 0.80},
+        42: {"kd": 0.80, "eps0": 0.80, "ex-l2-abs1": 0.82, "tok-l2-rel0.05": 0.81, "pkd": 0.90, "paper": 0.95},
+        43: {"kd": 0.80, "eps0": 0.80, "ex-l2-abs1": 0.80, "tok-l2-rel0.05": 0.90, "pkd": 0.80, "paper": 0.80},
+        44: {"kd": 0.80, "eps0": 0.80, "ex-l2-abs1": 0.80, "tok-l2-rel0.05": 0.90, "pkd": 0.80, "paper": 0.80},
     }
     test = {  # ex-l2-abs1 over kd per seed: +3, +0, +1.5 -> medians 79.5 vs 78.0
         "kd": {42: 0.78, 43: 0.79, 44: 0.77},
@@ -140,11 +140,12 @@ def test_seeds_after_the_first_never_select_and_the_table_is_their_median(tmp_pa
         "ex-l2-abs1": {42: 0.81, 43: 0.79, 44: 0.785},
         "tok-l2-rel0.05": {42: 0.70, 43: 0.70, 44: 0.70},
         "pkd": {42: 0.75, 43: 0.76, 44: 0.74},
+        "paper": {42: 0.78, 43: 0.78, 44: 0.78},
     }
     for seed in (42, 43, 44):
         for task in tasks:
             for s in settings:
-                if s == "pkd" and task == "movie-polarity" and seed == 42:
+                if s in ("pkd", "paper") and task == "movie-polarity" and seed == 42:
                     continue  # a baseline missing on the selection seed does not unfinish the task
                 _write_run(tmp_path / "runs", task, s, dev[seed][s], test[s][seed], teacher, 100.0 + seed, seed)
     out = tmp_path / "sel.json"
@@ -153,9 +154,10 @@ def test_seeds_after_the_first_never_select_and_the_table_is_their_median(tmp_pa
     result = json.loads(out.read_text())
     assert result["selection"]["finished_tasks"] == tasks
     assert result["selection"]["chosen"] == "ex-l2-abs1"  # seed 42's dev; seeds 43-44 would pick tok-l2-rel0.05
-    assert result["selection"]["median_minus_kd"] == {"ex-l2-abs1": 2.0, "tok-l2-rel0.05": 1.0}  # pkd: no candidate
+    medians = result["selection"]["median_minus_kd"]
+    assert medians == {"ex-l2-abs1": 2.0, "tok-l2-rel0.05": 1.0}  # pkd and the paper's preset: rows, no candidates
     rows = result["test"]["rows"]
-    assert list(rows) == ["teacher", "kd", "pkd", "eps0", "ex-l2-abs1"]  # no random control was run
+    assert list(rows) == ["teacher", "kd", "pkd", "eps0", "ex-l2-abs1", "paper"]  # no random control was run
     cell = rows["ex-l2-abs1"]["trec"]
     spread = {"test": 79.0, "min": 78.5, "max": 81.0, "n": 3}
     seconds = 153.0  # the median of 100 + seed training seconds, plus 10 of setup
