@@ -290,6 +290,47 @@ def goal(table: dict, chosen: str, tasks) -> dict:
     }
 
 
+NAMES = {"teacher": "teacher", "finetune": "finetune (no teacher)", "kd": "kd", "pkd": "pkd", "eda4": "kd + EDA x4",
+         "eps0": "ε = 0 control", "paper": "the paper's literal preset (`ad2-paper`)"}  # fmt: skip
+
+
+def markdown(summary: dict, table: dict, chosen: str, tasks, metrics: dict) -> str:
+    """The dev table (selection seed) and the test table as markdown: cells in points, Δ against kd."""
+    head = "| setting | " + " | ".join(f"{t} ({metrics[t]}) | Δ kd" for t in tasks) + " | median Δ kd |"
+    lines = ["Dev (selects):", "", head, "|---|" + "--:|--:|" * len(tasks) + "--:|"]
+    for setting, row in summary.items():
+        cells = []
+        for t in tasks:
+            dev, d = row["dev"].get(t), row["minus_kd"].get(t)
+            diff = "–" if d is None or setting == "kd" else f"{d + 0:+.2f}"  # + 0: no -0.00
+            cells += ["–" if dev is None else f"{100 * dev:.2f}", diff]
+        median = "" if setting == "kd" or row["median_minus_kd"] is None else f"{row['median_minus_kd']:+.2f}"
+        lines.append(f"| {NAMES.get(setting, setting)} | " + " | ".join(cells) + f" | {median} |")
+    if table:
+        cols = " | ".join(f"{t} | Δ kd | % teacher | s" for t in tasks)
+        head = f"| row | {cols} | mean Δ kd | mean % teacher |"
+        lines += ["", f"Test (median [min-max] over seeds, n seeds; chosen: `{chosen}`):", "", head,
+                  "|---|" + "--:|--:|--:|--:|" * len(tasks) + "--:|--:|"]  # fmt: skip
+        for setting, row in table["rows"].items():
+            cells = []
+            for t in tasks:
+                c = row.get(t)
+                if c is None:
+                    cells += ["–", "", "", ""]
+                elif setting == "teacher":
+                    cells += [f"{c['test']:.2f}", "", "", ""]
+                else:
+                    d = "" if c["minus_kd"] is None or setting == "kd" else f"{c['minus_kd'] + 0:+.2f}"  # no -0.00
+                    spread = f"{c['test']:.2f} [{c['min']:.2f}-{c['max']:.2f}] n{c['n']}"
+                    cells += [spread, d, f"{c['pct_teacher']:.1f}", f"{c['total_seconds']:.0f}"]
+            mean = table["means"].get(setting, {})
+            dm = "" if setting in ("kd", "teacher") or mean.get("minus_kd") is None else f"{mean['minus_kd']:+.2f}"
+            pm = "" if mean.get("pct_teacher") is None else f"{mean['pct_teacher']:.1f}"
+            name = f"**{setting} (chosen)**" if setting == chosen else NAMES.get(setting, setting)
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {dm} | {pm} |")
+    return "\n".join(lines) + "\n"
+
+
 def print_test(table: dict, chosen: str, tasks) -> None:
     print(f"test (after selection on dev; median [min-max] over seeds; seconds on a shared machine): chosen {chosen}")
     for setting, row in table["rows"].items():
@@ -320,6 +361,7 @@ def main(argv=None) -> int:
     p.add_argument("--task_major", action="store_true", help="run every setting of a task before the next task")
     p.add_argument("--collect_only", action="store_true")
     p.add_argument("--json_out")
+    p.add_argument("--markdown_out", help="also write the dev and test tables as markdown")
     args = p.parse_args(argv)
     failed = []
     if not args.collect_only:
@@ -358,6 +400,12 @@ def main(argv=None) -> int:
         verdict = goal(table, chosen, done)
         print_test(table, chosen, done)
         print(f"goal (seeds {args.seeds}, {len(done)} tasks): {verdict}")
+    if args.markdown_out:
+        from ad2_ds.data.tasks import get_task
+
+        metrics = {t: get_task(t).main_metric for t in args.tasks}
+        with open(args.markdown_out, "w") as f:
+            f.write(markdown(summary, table, chosen, done or list(metrics), metrics))
     if args.json_out:
         result = {
             "command": "PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/ad2_selection.py "

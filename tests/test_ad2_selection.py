@@ -150,7 +150,11 @@ def test_seeds_after_the_first_never_select_and_the_table_is_their_median(tmp_pa
                 _write_run(tmp_path / "runs", task, s, dev[seed][s], test[s][seed], teacher, 100.0 + seed, seed)
     out = tmp_path / "sel.json"
     argv = ["--collect_only", "--out_dir", str(tmp_path / "runs"), "--json_out", str(out), "--seeds", "42", "43", "44"]
-    assert ad2_selection.main(argv + ["--tasks", *tasks, "--settings", *settings]) == 0
+    md = tmp_path / "sel.md"
+    assert ad2_selection.main(argv + ["--tasks", *tasks, "--settings", *settings, "--markdown_out", str(md)]) == 0
+    text = md.read_text()
+    assert "| **ex-l2-abs1 (chosen)** | 79.00 [78.50-81.00] n3 | +1.00 | 98.8 | 153 |" in text
+    assert "| tok-l2-rel0.05 | 81.00 | +1.00 | 81.00 | +1.00 | +1.00 |" in text  # dev: the selection seed only
     result = json.loads(out.read_text())
     assert result["selection"]["finished_tasks"] == tasks
     assert result["selection"]["chosen"] == "ex-l2-abs1"  # seed 42's dev; seeds 43-44 would pick tok-l2-rel0.05
