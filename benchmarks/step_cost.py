@@ -46,7 +46,7 @@ METHODS = {
     "ad2-dkd-k1-naive": (dict(method="ad2-dkd", pga_steps=1, fast_pga=False), "cached"),
     "ad2-dkd-k2": (dict(method="ad2-dkd", pga_steps=2), "cached"),
     "ad2-dkd-k3": (dict(method="ad2-dkd", pga_steps=3), "cached"),
-    "ad2-k1-fast": (dict(method="ad2", pga_steps=1), "cached"),
+    "ad2-k1-fast": (dict(method="ad2-paper", pga_steps=1), "cached"),  # AD2 with deep KD (the paper's terms)
     "ad2-dkd-eps0": (dict(method="ad2-dkd", epsilon=0.0), "cached"),
     "ad2-dkd-random": (dict(method="ad2-dkd", epsilon=1.0, step_size=1.0, random_direction=True), "cached"),
     "ad2-dkd-tokl2-rel": (
