@@ -715,25 +715,15 @@ def _collator(models: _Models):
 
 def _measure(models: _Models, dev_sets, collator, task, group, test_set=None) -> dict:
     """Parameters and latency of both models, and the teacher's dev scores (and test scores, given ``test_set``)."""
-    from .data.glue import DataCollator
     from .modeling import count_parameters, measure_latency
-    from .trainer import evaluate
 
     report = {
         "student_params": count_parameters(models.student),
         "student_latency_ms": measure_latency(models.student, dev_sets, collator),
     }
     if models.teacher is not None:
-        teacher_dev = dev_sets if not models.two_tokenizers else {k: _teacher_view(v) for k, v in dev_sets.items()}
-        t_collator = DataCollator(models.tok_t.pad_token_id)
-        report.update(
-            teacher_scores=evaluate(models.teacher, teacher_dev, t_collator, task, 32, group=group),
-            teacher_params=count_parameters(models.teacher),
-            teacher_latency_ms=measure_latency(models.teacher, teacher_dev, t_collator),
-        )
-        if test_set:
-            view = test_set if not models.two_tokenizers else {k: _teacher_view(v) for k, v in test_set.items()}
-            report["teacher_test"] = evaluate(models.teacher, view, t_collator, task, 32, group=group)
+        report.update(_teacher_report(models.teacher, models, dev_sets, task, group, test_set))
+        report["teacher_params"] = count_parameters(models.teacher)
     return report
 
 
@@ -741,24 +731,33 @@ def _measure_sharded_teacher(models: _Models, live, dev_sets, collator, task, gr
     """The tensor-parallel teacher's dev scores (and test scores, given ``test_set``), parameters (counted on its empty
     skeleton) and latency, through the live teacher (every rank runs the same forwards; the TP group gathers its
     rows)."""
-    from .data.glue import DataCollator
-    from .modeling import count_parameters, measure_latency
+    from .modeling import count_parameters
     from .teachers.factory import TeacherModel
     from .teachers.sharded import empty_classifier
+
+    report = _teacher_report(TeacherModel(live, models.teacher_config), models, dev_sets, task, group, test_set)
+    src = models.source
+    report["teacher_params"] = count_parameters(empty_classifier(src.path, src.num_labels, src.trust_remote_code))
+    return report
+
+
+def _teacher_report(model, models: _Models, dev_sets, task, group, test_set=None) -> dict:
+    """A teacher's dev scores and latency (and test scores, given ``test_set``), on its own tokens when the two
+    tokenizers differ."""
+    from .data.glue import DataCollator
+    from .modeling import measure_latency
     from .trainer import evaluate
 
-    model = TeacherModel(live, models.teacher_config)
-    teacher_dev = dev_sets if not models.two_tokenizers else {k: _teacher_view(v) for k, v in dev_sets.items()}
+    def view(sets):
+        return sets if not models.two_tokenizers else {k: _teacher_view(v) for k, v in sets.items()}
+
     t_collator = DataCollator(models.tok_t.pad_token_id)
-    src = models.source
-    report = dict(
-        teacher_scores=evaluate(model, teacher_dev, t_collator, task, 32, group=group),
-        teacher_params=count_parameters(empty_classifier(src.path, src.num_labels, src.trust_remote_code)),
-        teacher_latency_ms=measure_latency(model, teacher_dev, t_collator),
-    )
+    report = {
+        "teacher_scores": evaluate(model, view(dev_sets), t_collator, task, 32, group=group),
+        "teacher_latency_ms": measure_latency(model, view(dev_sets), t_collator),
+    }
     if test_set:
-        view = test_set if not models.two_tokenizers else {k: _teacher_view(v) for k, v in test_set.items()}
-        report["teacher_test"] = evaluate(model, view, t_collator, task, 32, group=group)
+        report["teacher_test"] = evaluate(model, view(test_set), t_collator, task, 32, group=group)
     return report
 
 

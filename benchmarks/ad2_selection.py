@@ -57,28 +57,24 @@ SETTINGS = {
 }  # fmt: skip
 
 
-def objective_of(setting: str):
-    """The AD2Config a setting's flags give (what its teacher must provide)."""
-    from ad2_ds.config import AD2Config
-    from ad2_ds.flags import add_flags, from_flags
+def run_config_of(setting: str):
+    """The RunConfig a setting's flags give (the recipe's own parser; what its teacher must provide)."""
+    from ad2_ds.cli import config_from_args, run_parser
 
-    parser = argparse.ArgumentParser()
-    add_flags(parser, AD2Config)
-    known, _ = parser.parse_known_args(SETTINGS[setting])
-    return from_flags(AD2Config, vars(known))
+    argv = ["--deepspeed", os.path.join(ROOT, "ds_configs", "zero2.json"), *SETTINGS[setting]]
+    return config_from_args(run_parser(__doc__).parse_args(argv))
 
 
 def teacher_cache(out_dir: str, task: str, setting: str):
     """The teacher cache a setting's runs share, or None: a cache keeps logits (and hidden states), never attention
     maps, so a setting with an attention loss runs its teacher live; logits-only, with-hidden-states and augmented
     training sets each get their own cache (a cache is keyed by what it holds and would be rebuilt otherwise)."""
-    cfg = objective_of(setting)
-    if cfg.needs_attentions:
+    run = run_config_of(setting)
+    if run.objective.needs_attentions:
         return None
-    flags = SETTINGS[setting]
-    name = task + ("-hidden" if cfg.needs_hidden_states else "")
-    if "--augment_copies" in flags:
-        name += "-eda" + flags[flags.index("--augment_copies") + 1]
+    name = task + ("-hidden" if run.objective.needs_hidden_states else "")
+    if run.data.augment_copies:
+        name += f"-eda{run.data.augment_copies}"
     return os.path.join(out_dir, "cache", name)
 
 
@@ -239,9 +235,10 @@ def test_table(runs: dict, chosen: str, tasks, teachers: dict) -> dict:
             if not mine:
                 continue
             kd = _scored(runs.get("kd", {}).get(t))
-            row[t] = _cell([100 * r["test"] for r in mine]) | {
+            scores = [100 * r["test"] for r in mine]
+            row[t] = _cell(scores) | {
                 "minus_kd": None,
-                "pct_teacher": round(statistics.median(100 * r["test"] for r in mine) / teachers[t]["test"], 2),
+                "pct_teacher": round(statistics.median(scores) / teachers[t]["test"], 2),
                 "total_seconds": round(statistics.median(r["total_seconds"] for r in mine), 1),
             }
             if kd:

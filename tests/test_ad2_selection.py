@@ -28,7 +28,7 @@ def test_every_setting_is_a_valid_run(setting, tmp_path):
     flags = ["--deepspeed", ds, "--output_dir", str(tmp_path)]
     run = distill_glue.parse_args(flags + ad2_selection.SETTINGS[setting])  # the RunConfig checks itself
     cfg = run.objective
-    assert cfg == ad2_selection.objective_of(setting)  # what the cache choice reads is what the run gets
+    assert cfg == ad2_selection.run_config_of(setting).objective  # what the cache choice reads is what the run gets
     baseline = setting in ("kd", "finetune", "pkd", "eda4")
     deep = setting == "paper" or "-dkd" in setting
     assert cfg.adversarial == (not baseline) and cfg.deep_kd == deep
