@@ -17,6 +17,9 @@ the issue's rule: the setting with the highest median over those tasks of (setti
 (:func:`test_table`): the teacher, the baselines, the ε = 0 control, the chosen setting's random-direction control, the
 chosen setting and the paper's literal preset; each run's test score (scored once by ``run_distillation`` with the
 student chosen on dev), median [min-max] over the seeds, minus kd, % of the teacher, and whole-run seconds.
+
+A sweep can go on elsewhere: ``--merge_json`` reads the runs an earlier ``--json_out`` recorded and counts each one
+whose run directory is not here (marked ``recorded_in``); a run directory here wins.
 """
 
 import argparse
@@ -121,6 +124,20 @@ def read_run(path: str) -> dict:
         "config": {k: r["config"][k] for k in ("method", "epsilon", "step_size", "pga_steps", "perturbation")}
         | {k: r["config"].get(k) for k in ("perturb_norm", "perturb_size", "perturb_place", "random_direction")},
     }
+
+
+def recorded_runs(paths) -> dict:
+    """The runs of earlier ``--json_out`` files, {(setting, task, seed): run}, each marked with the file it came from
+    (kept when a later file is written from it); the first file that has a run gives it."""
+    out = {}
+    for path in paths:
+        with open(path) as f:
+            earlier = json.load(f)
+        for setting, by_task in earlier.get("runs", {}).items():
+            for task, rs in by_task.items():
+                for r in rs if isinstance(rs, list) else [rs]:
+                    out.setdefault((setting, task, r["seed"]), {"recorded_in": os.path.basename(path)} | r)
+    return out
 
 
 def summarise(scores: dict) -> dict:
@@ -359,6 +376,9 @@ def main(argv=None) -> int:
     p.add_argument("--collect_only", action="store_true")
     p.add_argument("--json_out")
     p.add_argument("--markdown_out", help="also write the dev and test tables as markdown")
+    p.add_argument("--merge_json", nargs="+", default=[], metavar="JSON",
+                   help="earlier --json_out files: their runs fill in every (setting, task, seed) that has no run "
+                   "directory here (a sweep continued on another machine); a run here always wins")  # fmt: skip
     args = p.parse_args(argv)
     failed = []
     if not args.collect_only:
@@ -369,13 +389,19 @@ def main(argv=None) -> int:
             for task, setting in order:
                 if run_one(argparse.Namespace(**{**vars(args), "seed": seed}), task, setting):
                     failed.append(f"{task}/{setting}/seed{seed}")
+    recorded = recorded_runs(args.merge_json)
     runs = {}  # {setting: {task: [run per seed that has one]}}
     for setting in args.settings:
         for task in args.tasks:
             for seed in args.seeds:
                 path = run_dir(args.out_dir, task, setting, seed)
                 if os.path.isfile(os.path.join(path, "results.json")):
-                    runs.setdefault(setting, {}).setdefault(task, []).append(read_run(path) | {"seed": seed})
+                    run = read_run(path) | {"seed": seed}
+                elif (setting, task, seed) in recorded:
+                    run = recorded[setting, task, seed]
+                else:
+                    continue
+                runs.setdefault(setting, {}).setdefault(task, []).append(run)
     select_seed = args.seeds[0]
     scores = {}  # dev of the selection seed only
     for setting, by_task in runs.items():

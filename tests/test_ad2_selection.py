@@ -169,3 +169,35 @@ def test_seeds_after_the_first_never_select_and_the_table_is_their_median(tmp_pa
     assert rows["pkd"]["movie-polarity"]["n"] == 2 and rows["pkd"]["trec"]["n"] == 3
     assert result["goal"]["tasks_at_least_plus1_over_kd"] == tasks and result["goal"]["min_seeds"] == 3
     assert result["goal"]["mean_minus_eps0"] == 1.0
+
+
+def test_merge_json_fills_in_runs_recorded_elsewhere_and_a_run_here_wins(tmp_path):
+    """A sweep continued on another machine: seed 42's runs are directories here, seed 43's only live in an earlier
+    --json_out; merged, every cell has both seeds, and where both have a run the directory here is the one read."""
+    tasks = ["trec", "movie-polarity"]
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "finetune_results.json").write_text(json.dumps({"test": {"accuracy": 0.80}}))
+    settings = ["kd", "eps0", "ex-l2-abs1"]
+    test = {"kd": 0.78, "eps0": 0.78, "ex-l2-abs1": 0.80}
+    elsewhere = tmp_path / "elsewhere"
+    for task in tasks:
+        for s in settings:
+            _write_run(elsewhere, task, s, 0.8, test[s] - 0.01, teacher, seed=43)
+            _write_run(elsewhere, task, s, 0.8, 0.50, teacher, seed=42)  # superseded by the run here
+            _write_run(tmp_path / "here", task, s, 0.8 + (s == "ex-l2-abs1") / 100, test[s], teacher, seed=42)
+    base = ["--collect_only", "--tasks", *tasks, "--settings", *settings, "--seeds", "42", "43"]
+    earlier = tmp_path / "earlier.json"
+    assert ad2_selection.main(base + ["--out_dir", str(elsewhere), "--json_out", str(earlier)]) == 0
+    merged = tmp_path / "merged.json"
+    argv = ["--out_dir", str(tmp_path / "here"), "--json_out", str(merged), "--merge_json", str(earlier)]
+    assert ad2_selection.main(base + argv) == 0
+    result = json.loads(merged.read_text())
+    runs = result["runs"]["ex-l2-abs1"]["trec"]
+    assert [(r["seed"], r["test"], r.get("recorded_in")) for r in runs] == [(42, 0.80, None), (43, 0.79, "earlier.json")]
+    assert result["selection"]["chosen"] == "ex-l2-abs1"  # seed 42's dev here (+1), not the recorded one (0)
+    cell = result["test"]["rows"]["ex-l2-abs1"]["trec"]
+    assert (cell["test"], cell["min"], cell["max"], cell["n"]) == (79.5, 79.0, 80.0, 2)
+    without = tmp_path / "alone.json"
+    assert ad2_selection.main(base + ["--out_dir", str(tmp_path / "here"), "--json_out", str(without)]) == 0
+    assert json.loads(without.read_text())["test"]["rows"]["ex-l2-abs1"]["trec"]["n"] == 1
