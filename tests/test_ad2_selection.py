@@ -194,7 +194,8 @@ def test_merge_json_fills_in_runs_recorded_elsewhere_and_a_run_here_wins(tmp_pat
     assert ad2_selection.main(base + argv) == 0
     result = json.loads(merged.read_text())
     runs = result["runs"]["ex-l2-abs1"]["trec"]
-    assert [(r["seed"], r["test"], r.get("recorded_in")) for r in runs] == [(42, 0.80, None), (43, 0.79, "earlier.json")]
+    seen = [(r["seed"], r["test"], r.get("recorded_in")) for r in runs]
+    assert seen == [(42, 0.80, None), (43, 0.79, "earlier.json")]
     assert result["selection"]["chosen"] == "ex-l2-abs1"  # seed 42's dev here (+1), not the recorded one (0)
     cell = result["test"]["rows"]["ex-l2-abs1"]["trec"]
     assert (cell["test"], cell["min"], cell["max"], cell["n"]) == (79.5, 79.0, 80.0, 2)
