@@ -464,9 +464,9 @@ def run_distillation(config: RunConfig, callbacks: Sequence = ()) -> Optional[di
 
 @dataclass
 class _Models:
-    """The run's models and tokenizers (the teacher's are None for a method without one). A tensor-parallel teacher
-    is never built whole here: ``teacher`` is then None, ``teacher_config`` its config and ``source`` where
-    :func:`ad2_ds.teachers.factory.live_teacher` loads its shards from."""
+    """The run's models and tokenizers (the teacher's are None for a method without one). A tensor-parallel or hosted
+    teacher is never built whole here: ``teacher`` is then None, ``teacher_config`` its config and ``source`` where
+    it is loaded from (:func:`ad2_ds.teachers.factory.live_teacher` loads its shards from there)."""
 
     teacher: object
     tok_t: object
@@ -528,11 +528,14 @@ def _distill(config, task, ds_config, teacher_path, splits, setup_seconds, callb
         if models.source is not None and layout is None:  # tensor-parallel, loaded shard by shard
             live = live_teacher(None, needs, placement.dtype, placement.tp_size, source=models.source)
             setup_seconds["teacher_load"], clock = time.perf_counter() - clock, time.perf_counter()
-            report.update(_measure_sharded_teacher(models, live, dev_sets, collator, task, group, test_set))
-            setup_seconds["evaluate_teacher_and_latency"] += time.perf_counter() - clock
-            clock = time.perf_counter()
         cache_data = _cache_data(config, models, train_ds, collator, teacher_path)
         teacher = build_teacher(models.teacher, needs, placement, task.num_labels, cache_data, live=live)
+        if models.source is not None:  # never built here: scored through the live or the hosted teacher
+            built, clock = time.perf_counter() - clock, time.perf_counter()
+            through = live if layout is None else teacher
+            report.update(_measure_sharded_teacher(models, through, dev_sets, collator, task, group, test_set))
+            setup_seconds["evaluate_teacher_and_latency"] += time.perf_counter() - clock
+            clock = time.perf_counter() - built  # the teacher's setup below counts its build too
     setup_seconds["teacher"] = time.perf_counter() - clock  # includes building the teacher cache when there is one
 
     out = _prepare_output_dir(config, rank, group)
@@ -628,8 +631,9 @@ def _load_teacher(config, task, teacher_path, sharded: bool = False):
 def _load_models(config, task, teacher_path) -> _Models:
     """The teacher (when there is one) and the student: a given checkpoint, or layers taken from the teacher. A
     co-located tensor-parallel teacher (teacher_tp_size > 1) is not built here: each rank loads its own shards when the
-    teacher is built; a student made from its layers reads only the tensors it keeps
-    (:func:`ad2_ds.teachers.sharded.student_from_checkpoint`)."""
+    teacher is built; nor is the hosted layout's teacher on the student ranks (it lives on the teacher ranks; only a
+    teacher without safetensors is loaded whole there, with a warning). A student made from the layers of a teacher
+    not built here reads only the tensors it keeps (:func:`ad2_ds.teachers.sharded.student_from_checkpoint`)."""
     from transformers import AutoTokenizer
 
     from .data.assets import resolve_model
@@ -637,6 +641,14 @@ def _load_models(config, task, teacher_path) -> _Models:
 
     cfg, trust = config.objective, config.trust_remote_code
     sharded = config.teacher_tp_size > 1 and not config.teacher_ranks and cfg.needs_teacher
+    if config.teacher_ranks:  # the hosted layout's student ranks: the teacher lives on the teacher ranks
+        sharded = bool(config.student) or _has_safetensors(teacher_path)
+        if not sharded:
+            logger.warning(
+                "hosted layout: %s has no safetensors, so each student rank loads the teacher whole to cut the "
+                "student from it and score it; re-save it with save_pretrained to read only the student's tensors",
+                teacher_path,
+            )
     teacher, tok_t, t_config, source = _load_teacher(config, task, teacher_path, sharded)
     if config.student:
         path = resolve_model(config.student)
@@ -669,6 +681,18 @@ def _load_models(config, task, teacher_path) -> _Models:
             "student built from the teacher (student_layers)"
         )
     return models
+
+
+def _has_safetensors(path) -> bool:
+    """Whether a teacher folder can be read tensor by tensor (safetensors: one file or a sharded index)."""
+    from .data.assets import resolve_model
+    from .teachers.sharded import checkpoint_files
+
+    try:
+        checkpoint_files(resolve_model(path))
+    except (ValueError, FileNotFoundError, OSError):
+        return False
+    return True
 
 
 def _fit_positions(config, models: _Models):

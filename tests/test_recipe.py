@@ -261,6 +261,20 @@ def _recipe_rank(rank, world_size, argv):
     return distill_glue.main(argv)
 
 
+def _recipe_rank_loads(rank, world_size, argv):
+    """The recipe's exit code and every path a whole classifier was loaded from on this rank."""
+    from transformers import AutoModelForSequenceClassification
+
+    loaded, whole = [], AutoModelForSequenceClassification.from_pretrained.__func__
+
+    def record(cls, path, *args, **kwargs):
+        loaded.append(str(path))
+        return whole(cls, path, *args, **kwargs)
+
+    AutoModelForSequenceClassification.from_pretrained = classmethod(record)
+    return _recipe_rank(rank, world_size, argv), loaded
+
+
 def test_hosted_teacher_on_rank0_trains_like_colocated_on_two_ranks_then_resumes(fixture_dirs, tmp_path):
     from ad2_ds.testing import launch
 
@@ -269,12 +283,16 @@ def test_hosted_teacher_on_rank0_trains_like_colocated_on_two_ranks_then_resumes
     colocated, hosted = tmp_path / "colocated", tmp_path / "hosted"
     assert launch(_recipe_rank, 2, args=(_argv(data, teacher, ds, colocated, *common),), timeout_s=300) == [0, 0]
     argv = _argv(data, teacher, ds, hosted, *common, "--teacher_ranks", "0")
-    assert launch(_recipe_rank, 3, args=(argv,), timeout_s=300) == [0, 0, 0]
+    ranks = launch(_recipe_rank_loads, 3, args=(argv,), timeout_s=300)
+    assert [rc for rc, _ in ranks] == [0, 0, 0]
+    assert str(teacher) in ranks[0][1]  # the teacher rank loads it; the student ranks never build it: they cut the
+    assert all(str(teacher) not in loaded for _, loaded in ranks[1:])  # student from its tensors, score it remotely
     res_c = json.loads((colocated / "results.json").read_text())
     res_h = json.loads((hosted / "results.json").read_text())
     assert res_h["world_size"] == 2 and res_h["teacher_ranks"] == [0] and res_c["teacher_ranks"] == []
     assert res_h["history"] == res_c["history"] and [h["step"] for h in res_h["history"]] == [2, 3]
-    assert res_h["teacher_scores"] == res_c["teacher_scores"]
+    assert res_h["teacher_scores"] == res_c["teacher_scores"]  # scored through the hosted teacher: the same
+    assert res_h["teacher_params"] == res_c["teacher_params"]
     tag_c, w_c = _final_weights(colocated)
     tag_h, w_h = _final_weights(hosted)  # `latest` written although global rank 0 is the teacher
     assert tag_c == tag_h == "global_step3"
@@ -289,6 +307,33 @@ def test_hosted_teacher_on_rank0_trains_like_colocated_on_two_ranks_then_resumes
     assert _final_weights(hosted)[0] == "global_step6"
 
 
+def test_hosted_teacher_without_safetensors_is_loaded_whole_on_the_student_ranks(fixture_dirs, tmp_path):
+    """A .bin teacher cannot be read tensor by tensor: the student ranks fall back to loading it whole (and warn);
+    the run is the same as with the safetensors folder."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification
+
+    from ad2_ds.testing import launch
+
+    data, teacher, ds = fixture_dirs
+    pickled = tmp_path / "teacher-bin"
+    shutil.copytree(teacher, pickled, ignore=shutil.ignore_patterns("*.safetensors"))
+    weights = AutoModelForSequenceClassification.from_pretrained(teacher).state_dict()
+    torch.save(weights, pickled / "pytorch_model.bin")  # what older transformers wrote
+    assert not list(pickled.glob("*.safetensors")) and list(pickled.glob("*.bin"))
+    common = ["--num_train_epochs", "1", "--method", "ad2-dkd", "--teacher_ranks", "0"]
+    runs = {}
+    for name, folder in (("safe", teacher), ("bin", pickled)):
+        ranks = launch(_recipe_rank_loads, 3, args=(_argv(data, folder, ds, tmp_path / name, *common),), timeout_s=300)
+        assert [rc for rc, _ in ranks] == [0, 0, 0]
+        runs[name] = [str(folder) in loaded for _, loaded in ranks]
+    assert runs == {"safe": [True, False, False], "bin": [True, True, True]}
+    res = {name: json.loads((tmp_path / name / "results.json").read_text()) for name in runs}
+    assert res["bin"]["history"] == res["safe"]["history"]
+    assert res["bin"]["teacher_scores"] == res["safe"]["teacher_scores"]
+
+
 def test_hosted_tp2_teacher_on_ranks_0_1_students_2_3(fixture_dirs, tmp_path):
     from ad2_ds.testing import launch
 
@@ -297,9 +342,14 @@ def test_hosted_tp2_teacher_on_ranks_0_1_students_2_3(fixture_dirs, tmp_path):
     colocated, hosted = tmp_path / "colocated", tmp_path / "hosted"
     assert launch(_recipe_rank, 2, args=(_argv(data, teacher, ds, colocated, *common),), timeout_s=300) == [0, 0]
     argv = _argv(data, teacher, ds, hosted, *common, "--teacher_ranks", "0,1")
-    assert launch(_recipe_rank, 4, args=(argv,), timeout_s=300) == [0] * 4
+    ranks = launch(_recipe_rank_loads, 4, args=(argv,), timeout_s=300)
+    assert [rc for rc, _ in ranks] == [0] * 4
+    assert all(str(teacher) not in loaded for _, loaded in ranks)  # teacher ranks: shard by shard; students: never
     res = json.loads((hosted / "results.json").read_text())
-    assert res["world_size"] == 2 and res["teacher_ranks"] == [0, 1]
+    res_c = json.loads((colocated / "results.json").read_text())
+    assert res["world_size"] == 2 and res["teacher_ranks"] == [0, 1] and res["teacher_load"] == "hosted"
+    assert res["teacher_scores"].keys() == res_c["teacher_scores"].keys()
+    assert abs(res["teacher_scores"]["accuracy"] - res_c["teacher_scores"]["accuracy"]) < 1e-9
     _, w_c = _final_weights(colocated)
     _, w_h = _final_weights(hosted)
     for k in w_c:  # a TP teacher equals the unsharded one up to fp32 rounding (~1e-8)
