@@ -80,24 +80,26 @@ def ensure_default_teacher(config, task, ds_config: dict) -> str:
     import torch.distributed as dist
 
     from .run import run_distillation
+    from .utils import exclusive
 
     target = default_teacher_dir(config, task)
-    if os.path.isfile(os.path.join(target, "config.json")):
+    with exclusive(target + ".lock", "teacher"):  # two runs started together: one fine-tunes, the other reuses
+        if os.path.isfile(os.path.join(target, "config.json")):
+            if dist.get_rank() == 0:
+                print(f"teacher: reusing {target}", flush=True)
+            return target
+        run_dir = target + ".run"
         if dist.get_rank() == 0:
-            print(f"teacher: reusing {target}", flush=True)
-        return target
-    run_dir = target + ".run"
-    if dist.get_rank() == 0:
-        print(
-            f"teacher: fine-tuning {DEFAULT_MODEL} on {task.name} ({config.teacher_epochs} epochs) -> {target}",
-            flush=True,
-        )
-        shutil.rmtree(run_dir, ignore_errors=True)
-    dist.barrier()
-    run_distillation(finetune_config(config, run_dir, ds_config))
-    if dist.get_rank() == 0:
-        os.replace(os.path.join(run_dir, "best"), target)  # atomic: a half-trained teacher is never reused
-        shutil.copy(os.path.join(run_dir, "results.json"), os.path.join(target, "finetune_results.json"))
-        shutil.rmtree(run_dir, ignore_errors=True)
-    dist.barrier()
+            print(
+                f"teacher: fine-tuning {DEFAULT_MODEL} on {task.name} ({config.teacher_epochs} epochs) -> {target}",
+                flush=True,
+            )
+            shutil.rmtree(run_dir, ignore_errors=True)
+        dist.barrier()
+        run_distillation(finetune_config(config, run_dir, ds_config))
+        if dist.get_rank() == 0:
+            os.replace(os.path.join(run_dir, "best"), target)  # atomic: a half-trained teacher is never reused
+            shutil.copy(os.path.join(run_dir, "results.json"), os.path.join(target, "finetune_results.json"))
+            shutil.rmtree(run_dir, ignore_errors=True)
+        dist.barrier()
     return target

@@ -1,8 +1,45 @@
-"""Small I/O helpers: ``write_json_atomic(path, obj)`` (temp file + rename, so a kill never leaves half a file)."""
+"""Small I/O helpers: ``write_json_atomic(path, obj)`` (temp file + rename, so a kill never leaves half a file);
+``exclusive(lock_path, what)``: one job at a time builds a shared thing (a teacher cache, the default teacher)."""
 
+import contextlib
 import json
 import os
 import tempfile
+
+_HELD = set()  # lock files this process holds: exclusive() is re-entrant
+
+
+@contextlib.contextmanager
+def exclusive(lock_path, what: str, group=None):
+    """Run the block while holding an exclusive ``flock`` on ``lock_path``, so two jobs that build the same thing
+    (two runs of a sweep started together on one teacher cache or default teacher) take turns: the second waits,
+    saying so, then finds the first one's result. In a distributed job the group's rank 0 holds the lock and the
+    other ranks wait for it at a barrier (call on every rank of ``group``). The lock dies with its process (kill -9
+    leaves nothing to clean up); the empty lock file stays. Re-entrant within a process."""
+    import fcntl
+
+    import torch.distributed as tdist
+
+    lock_path = os.path.abspath(lock_path)
+    on = tdist.is_available() and tdist.is_initialized()
+    f = None
+    if (tdist.get_rank(group) if on else 0) == 0 and lock_path not in _HELD:
+        os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+        f = open(lock_path, "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{what}: another process holds {lock_path}; waiting for it to finish", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        _HELD.add(lock_path)
+    if on:
+        tdist.barrier(group=group)
+    try:
+        yield
+    finally:
+        if f is not None:
+            _HELD.discard(lock_path)
+            f.close()  # releases the lock
 
 
 def write_json_atomic(path: str, obj) -> None:

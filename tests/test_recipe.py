@@ -436,6 +436,47 @@ def test_default_teacher_is_shared_by_student_seeds(monkeypatch, tmp_path):
     assert ft.data.test_from_train == 0.1
 
 
+_HOLD_THEN_FINISH = """
+import fcntl, os, sys, time
+target = sys.argv[1]
+os.makedirs(os.path.dirname(target), exist_ok=True)
+lock = open(target + ".lock", "a")
+fcntl.flock(lock, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(2)
+os.makedirs(target)
+open(os.path.join(target, "config.json"), "w").write("{}")
+"""  # another run fine-tuning the default teacher: it holds the lock, then leaves a finished teacher
+
+
+def test_a_run_waits_for_the_default_teacher_another_run_is_fine_tuning_then_reuses_it(
+    monkeypatch, tmp_path, no_dist_left, capsys
+):
+    """Two runs of a sweep started together on a fresh machine: the second waits for the first one's fine-tuning
+    (it used to fine-tune the same teacher into the same folder at the same time), then reuses the teacher."""
+    from ad2_ds import default_teacher, run
+    from ad2_ds.data.tasks import get_task
+    from ad2_ds.dist import init_distributed
+    from recipes import distill_glue
+
+    monkeypatch.setenv("AD2_CACHE", str(tmp_path))
+    config = distill_glue.parse_args(["--deepspeed", str(ROOT / "ds_configs" / "zero2.json")])
+    task = get_task("movie-polarity")
+    target = default_teacher.default_teacher_dir(config, task)
+    other = subprocess.Popen([sys.executable, "-c", _HOLD_THEN_FINISH, target], stdout=subprocess.PIPE, text=True)
+    assert other.stdout.readline().strip() == "held"
+
+    def fine_tune_again(*args, **kwargs):
+        raise AssertionError("fine-tuned the teacher another run is fine-tuning")
+
+    monkeypatch.setattr(run, "run_distillation", fine_tune_again)
+    init_distributed()
+    assert default_teacher.ensure_default_teacher(config, task, {}) == target
+    assert other.wait(timeout=60) == 0
+    out = capsys.readouterr().out
+    assert "another process holds" in out and f"teacher: reusing {target}" in out
+
+
 def test_default_teacher_is_fine_tuned_once_outside_the_students_monitor(
     fixture_dirs, tmp_path, monkeypatch, no_dist_left, capsys
 ):

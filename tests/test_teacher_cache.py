@@ -226,3 +226,39 @@ def test_building_a_cache_leaves_the_random_state_as_it_was(tmp_path):
     torch.manual_seed(0)
     CachedTeacher(tmp_path, _fp(model))(_batches()[0])
     assert torch.equal(torch.rand(4), after_build)
+
+
+class _SlowTeacher(LocalTeacher):
+    def __call__(self, batch):
+        import time
+
+        time.sleep(0.2)
+        return super().__call__(batch)
+
+
+def _build_alone(cache_dir):
+    """One job (no process group) building the cache: (did it build, did it wait for another job)."""
+    import contextlib
+    import io
+
+    model = tiny_bert(num_labels=3)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        build_teacher_cache(_SlowTeacher(model), _batches(), cache_dir, _fp(model), num_examples=10)
+    out = printed.getvalue()
+    return "bytes per example" in out, "waiting for it" in out
+
+
+def test_two_jobs_building_one_cache_take_turns_and_the_second_reuses_it(tmp_path):
+    """Two runs of a sweep started together on one --teacher_cache: one builds it while the other waits, then reads
+    it (before, both wrote the same shard files at once)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = [pool.submit(_build_alone, str(tmp_path)) for _ in range(2)]
+        results = sorted(job.result(timeout=120) for job in jobs)
+    assert results == [(False, True), (True, False)]  # one built; the other waited and built nothing
+    model = tiny_bert(num_labels=3)
+    batch = _batches()[1]
+    torch.testing.assert_close(CachedTeacher(tmp_path, _fp(model))(batch).logits, LocalTeacher(model)(batch).logits)

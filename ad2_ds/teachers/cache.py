@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from .. import dist
+from ..utils import exclusive
 from .base import Teacher, TeacherOutput, teacher_inputs
 
 FORMAT_VERSION = 2  # 2: real tokens only, per-row crc32, file sizes in meta.json
@@ -46,6 +47,7 @@ _STORAGE = {
 }
 _FROM_NAME = {name: dt for dt, (name, _) in _STORAGE.items()}
 SHARD_FILES = ("idx", "logits", "crc", "tokens", "hidden")
+LOCK_FILE = ".lock"  # held while a job builds the cache (:func:`ad2_ds.utils.exclusive`)
 
 
 def state_dict_hash(model_or_state: Union[torch.nn.Module, Mapping[str, torch.Tensor]]) -> str:
@@ -223,87 +225,88 @@ def build_teacher_cache(
     meta_path = cache_dir / "meta.json"
     rank, world = dist.get_rank(), dist.get_world_size()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    _barrier()
-    if not overwrite and meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        same = (meta.get("format"), meta.get("fingerprint"), meta.get("hidden_layers"), meta.get("max_length"))
-        want_dtype = dtype is None or meta.get("dtype") in (None, _STORAGE[dtype][0])
-        if same == (FORMAT_VERSION, fp, layers, int(max_length) if layers else None) and want_dtype:
-            damaged = _damaged_files(cache_dir, meta)
-            if not damaged:
-                return cache_dir
-            if dist.is_main_process():
-                print(f"teacher cache: {damaged[0]} in {cache_dir}; rebuilding the cache", flush=True)
-    _barrier()  # every rank has read the old meta before rank 0 removes it
-    if rank == 0 and meta_path.exists():
-        meta_path.unlink()  # the old cache is invalid from here on
-    _barrier()
+    with exclusive(cache_dir / LOCK_FILE, "teacher cache"):  # another job building this cache: wait, then reuse it
+        _barrier()
+        if not overwrite and meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            same = (meta.get("format"), meta.get("fingerprint"), meta.get("hidden_layers"), meta.get("max_length"))
+            want_dtype = dtype is None or meta.get("dtype") in (None, _STORAGE[dtype][0])
+            if same == (FORMAT_VERSION, fp, layers, int(max_length) if layers else None) and want_dtype:
+                damaged = _damaged_files(cache_dir, meta)
+                if not damaged:
+                    return cache_dir
+                if dist.is_main_process():
+                    print(f"teacher cache: {damaged[0]} in {cache_dir}; rebuilding the cache", flush=True)
+        _barrier()  # every rank has read the old meta before rank 0 removes it
+        if rank == 0 and meta_path.exists():
+            meta_path.unlink()  # the old cache is invalid from here on
+        _barrier()
 
-    capacity = num_examples if num_examples is not None else _num_examples_of(dataloader)
-    if capacity is None:
-        raise ValueError("build_teacher_cache: cannot tell how many examples this rank sees; pass num_examples")
-    writer: Optional[_ShardWriter] = None
-    num_hidden_states = num_logits = hidden_size = store = None
-    for batch in dataloader:
-        if "idx" not in batch:
-            raise KeyError("build_teacher_cache: batches need an 'idx' (example id) entry")
-        out = teacher(batch)
-        idx = batch["idx"].detach().cpu().numpy().astype(np.int64)
-        logits = out.logits.detach().float().cpu().numpy()
-        rows = None
-        if layers:
-            hs = out.hidden_states
-            if hs is None or max(layers) >= len(hs) or any(hs[i] is None for i in layers):
-                raise ValueError(f"build_teacher_cache: the teacher returned no hidden states for layers {layers}")
-            B, T, H = hs[layers[0]].shape
-            if T > max_length:
-                raise ValueError(f"build_teacher_cache: a batch has sequence length {T} > max_length={max_length}")
-            if store is None:
-                store = dtype if dtype is not None else hs[layers[0]].dtype
-            if store not in _STORAGE:
-                raise ValueError(f"build_teacher_cache: cannot store hidden states of dtype {store}")
-            lengths = _real_lengths(teacher_inputs(batch).get("attention_mask"), B, T)
-            stacked = torch.stack([hs[i].detach().to("cpu", store) for i in layers], dim=2)  # [B, T, L, H]
-            if store == torch.bfloat16:
-                stacked = stacked.view(torch.int16)
-            rows = [stacked[b, :n].numpy() for b, n in enumerate(lengths)]
-            num_hidden_states, hidden_size = len(hs), H
-        if writer is None:
-            num_logits = logits.shape[1]
-            total = capacity * world
-            itemsize = _STORAGE[store][1]().itemsize if layers else 0
-            mean_tokens = float(np.mean([r.shape[0] for r in rows])) if layers and rows else 0.0
-            per_example = bytes_per_example(num_logits, mean_tokens, len(layers), hidden_size or 0, itemsize)
-            est = int(per_example * total)
-            if dist.is_main_process():
-                print(
-                    f"teacher cache: about {per_example:.0f} bytes per example (first batch: {mean_tokens:.1f} real "
-                    f"tokens x {len(layers)} layers x H {hidden_size} x {itemsize} B + logits), {est / 2**30:.3f} GiB "
-                    f"for N {total} in {cache_dir}",
-                    flush=True,
-                )
-            if max_bytes is not None and est > max_bytes:
-                raise ValueError(f"build_teacher_cache: estimated {est} bytes > max_bytes={max_bytes}")
-            writer = _ShardWriter(cache_dir, rank, capacity, bool(layers))
-        writer.write(idx, logits, rows)
-    sizes = writer.close() if writer is not None else {}
-    # Ranks that saw no batch still need the shape information for the meta; take it from the others.
-    info = {
-        "rows": writer.rows if writer is not None else 0,
-        "files": sizes,
-        "num_logits": num_logits,
-        "num_hidden_states": num_hidden_states,
-        "hidden_size": hidden_size,
-        "dtype": _STORAGE[store][0] if store is not None else None,
-    }
-    infos = [info]
-    if world > 1:
-        infos = [None] * world
-        torch.distributed.all_gather_object(infos, info)
-    if rank == 0:
-        _write_index_and_meta(cache_dir, infos, fp, fingerprint_parts, layers, max_length)
-    _barrier()
-    return cache_dir
+        capacity = num_examples if num_examples is not None else _num_examples_of(dataloader)
+        if capacity is None:
+            raise ValueError("build_teacher_cache: cannot tell how many examples this rank sees; pass num_examples")
+        writer: Optional[_ShardWriter] = None
+        num_hidden_states = num_logits = hidden_size = store = None
+        for batch in dataloader:
+            if "idx" not in batch:
+                raise KeyError("build_teacher_cache: batches need an 'idx' (example id) entry")
+            out = teacher(batch)
+            idx = batch["idx"].detach().cpu().numpy().astype(np.int64)
+            logits = out.logits.detach().float().cpu().numpy()
+            rows = None
+            if layers:
+                hs = out.hidden_states
+                if hs is None or max(layers) >= len(hs) or any(hs[i] is None for i in layers):
+                    raise ValueError(f"build_teacher_cache: the teacher returned no hidden states for layers {layers}")
+                B, T, H = hs[layers[0]].shape
+                if T > max_length:
+                    raise ValueError(f"build_teacher_cache: a batch has sequence length {T} > max_length={max_length}")
+                if store is None:
+                    store = dtype if dtype is not None else hs[layers[0]].dtype
+                if store not in _STORAGE:
+                    raise ValueError(f"build_teacher_cache: cannot store hidden states of dtype {store}")
+                lengths = _real_lengths(teacher_inputs(batch).get("attention_mask"), B, T)
+                stacked = torch.stack([hs[i].detach().to("cpu", store) for i in layers], dim=2)  # [B, T, L, H]
+                if store == torch.bfloat16:
+                    stacked = stacked.view(torch.int16)
+                rows = [stacked[b, :n].numpy() for b, n in enumerate(lengths)]
+                num_hidden_states, hidden_size = len(hs), H
+            if writer is None:
+                num_logits = logits.shape[1]
+                total = capacity * world
+                itemsize = _STORAGE[store][1]().itemsize if layers else 0
+                mean_tokens = float(np.mean([r.shape[0] for r in rows])) if layers and rows else 0.0
+                per_example = bytes_per_example(num_logits, mean_tokens, len(layers), hidden_size or 0, itemsize)
+                est = int(per_example * total)
+                if dist.is_main_process():
+                    print(
+                        f"teacher cache: about {per_example:.0f} bytes per example (first batch: "
+                        f"{mean_tokens:.1f} real tokens x {len(layers)} layers x H {hidden_size} x {itemsize} B + "
+                        f"logits), {est / 2**30:.3f} GiB for N {total} in {cache_dir}",
+                        flush=True,
+                    )
+                if max_bytes is not None and est > max_bytes:
+                    raise ValueError(f"build_teacher_cache: estimated {est} bytes > max_bytes={max_bytes}")
+                writer = _ShardWriter(cache_dir, rank, capacity, bool(layers))
+            writer.write(idx, logits, rows)
+        sizes = writer.close() if writer is not None else {}
+        # Ranks that saw no batch still need the shape information for the meta; take it from the others.
+        info = {
+            "rows": writer.rows if writer is not None else 0,
+            "files": sizes,
+            "num_logits": num_logits,
+            "num_hidden_states": num_hidden_states,
+            "hidden_size": hidden_size,
+            "dtype": _STORAGE[store][0] if store is not None else None,
+        }
+        infos = [info]
+        if world > 1:
+            infos = [None] * world
+            torch.distributed.all_gather_object(infos, info)
+        if rank == 0:
+            _write_index_and_meta(cache_dir, infos, fp, fingerprint_parts, layers, max_length)
+        _barrier()
+        return cache_dir
 
 
 def _real_lengths(mask: Optional[torch.Tensor], B: int, T: int) -> List[int]:

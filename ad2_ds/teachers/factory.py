@@ -141,23 +141,25 @@ def build_teacher(
 def open_or_build_cache(live: Teacher, needs: TeacherNeeds, placement: TeacherPlacement, data: CacheData) -> Teacher:
     """Reuse a cache whose fingerprint matches (no teacher pass); build it when there is none; never silently
     rebuild a stale one."""
-    from .cache import CachedTeacher, build_cache_for_dataset
+    from ..utils import exclusive
+    from .cache import LOCK_FILE, CachedTeacher, build_cache_for_dataset
 
     cache_dir, need = placement.cache_dir, needs.hidden_layers or ()
-    if os.path.isfile(os.path.join(cache_dir, "meta.json")):
-        try:
-            return CachedTeacher(cache_dir, data.parts, require_hidden_layers=need)
-        except ValueError as e:  # stale, or built without the layers this run needs
-            raise ConfigError("teacher_cache", f"{cache_dir}: {e}; pass another directory or delete it") from None
-    build_cache_for_dataset(
-        live,
-        data.dataset,
-        data.collator,
-        cache_dir,
-        data.parts,
-        hidden_layers=need,
-        dtype=torch.bfloat16 if placement.dtype == "bf16" else torch.float16,
-    )
+    with exclusive(os.path.join(cache_dir, LOCK_FILE), "teacher cache"):  # a run building it: wait, then reuse
+        if os.path.isfile(os.path.join(cache_dir, "meta.json")):
+            try:
+                return CachedTeacher(cache_dir, data.parts, require_hidden_layers=need)
+            except ValueError as e:  # stale, or built without the layers this run needs
+                raise ConfigError("teacher_cache", f"{cache_dir}: {e}; pass another directory or delete it") from None
+        build_cache_for_dataset(
+            live,
+            data.dataset,
+            data.collator,
+            cache_dir,
+            data.parts,
+            hidden_layers=need,
+            dtype=torch.bfloat16 if placement.dtype == "bf16" else torch.float16,
+        )
     return CachedTeacher(cache_dir, data.parts, require_hidden_layers=need)
 
 
