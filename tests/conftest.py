@@ -217,3 +217,20 @@ def decoder_tokenizer(padding_side="right"):
     )
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="</s>", bos_token="<s>",
                                    padding_side=padding_side)  # fmt: skip
+
+
+def recipe_rank_loads(rank, world_size, argv):
+    """One rank of ``recipes/distill_glue.py`` (for ``ad2_ds.testing.launch``): its exit code and every path a whole
+    classifier was loaded from on this rank (``AutoModelForSequenceClassification.from_pretrained``)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from recipes import distill_glue
+
+    loaded, whole = [], AutoModelForSequenceClassification.from_pretrained.__func__
+
+    def record(cls, path, *args, **kwargs):
+        loaded.append(str(path))
+        return whole(cls, path, *args, **kwargs)
+
+    AutoModelForSequenceClassification.from_pretrained = classmethod(record)
+    return distill_glue.main(argv), loaded

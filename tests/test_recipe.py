@@ -11,7 +11,7 @@ import torch
 
 from ad2_ds.dist import find_free_port
 
-from conftest import SPECIAL, WORDS, save_tiny_teacher, write_glue_fixture
+from conftest import SPECIAL, WORDS, recipe_rank_loads, save_tiny_teacher, write_glue_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -261,20 +261,6 @@ def _recipe_rank(rank, world_size, argv):
     return distill_glue.main(argv)
 
 
-def _recipe_rank_loads(rank, world_size, argv):
-    """The recipe's exit code and every path a whole classifier was loaded from on this rank."""
-    from transformers import AutoModelForSequenceClassification
-
-    loaded, whole = [], AutoModelForSequenceClassification.from_pretrained.__func__
-
-    def record(cls, path, *args, **kwargs):
-        loaded.append(str(path))
-        return whole(cls, path, *args, **kwargs)
-
-    AutoModelForSequenceClassification.from_pretrained = classmethod(record)
-    return _recipe_rank(rank, world_size, argv), loaded
-
-
 def test_hosted_teacher_on_rank0_trains_like_colocated_on_two_ranks_then_resumes(fixture_dirs, tmp_path):
     from ad2_ds.testing import launch
 
@@ -283,7 +269,7 @@ def test_hosted_teacher_on_rank0_trains_like_colocated_on_two_ranks_then_resumes
     colocated, hosted = tmp_path / "colocated", tmp_path / "hosted"
     assert launch(_recipe_rank, 2, args=(_argv(data, teacher, ds, colocated, *common),), timeout_s=300) == [0, 0]
     argv = _argv(data, teacher, ds, hosted, *common, "--teacher_ranks", "0")
-    ranks = launch(_recipe_rank_loads, 3, args=(argv,), timeout_s=300)
+    ranks = launch(recipe_rank_loads, 3, args=(argv,), timeout_s=300)
     assert [rc for rc, _ in ranks] == [0, 0, 0]
     assert str(teacher) in ranks[0][1]  # the teacher rank loads it; the student ranks never build it: they cut the
     assert all(str(teacher) not in loaded for _, loaded in ranks[1:])  # student from its tensors, score it remotely
@@ -325,7 +311,7 @@ def test_hosted_teacher_without_safetensors_is_loaded_whole_on_the_student_ranks
     common = ["--num_train_epochs", "1", "--method", "ad2-dkd", "--teacher_ranks", "0"]
     runs = {}
     for name, folder in (("safe", teacher), ("bin", pickled)):
-        ranks = launch(_recipe_rank_loads, 3, args=(_argv(data, folder, ds, tmp_path / name, *common),), timeout_s=300)
+        ranks = launch(recipe_rank_loads, 3, args=(_argv(data, folder, ds, tmp_path / name, *common),), timeout_s=300)
         assert [rc for rc, _ in ranks] == [0, 0, 0]
         runs[name] = [str(folder) in loaded for _, loaded in ranks]
     assert runs == {"safe": [True, False, False], "bin": [True, True, True]}
@@ -342,7 +328,7 @@ def test_hosted_tp2_teacher_on_ranks_0_1_students_2_3(fixture_dirs, tmp_path):
     colocated, hosted = tmp_path / "colocated", tmp_path / "hosted"
     assert launch(_recipe_rank, 2, args=(_argv(data, teacher, ds, colocated, *common),), timeout_s=300) == [0, 0]
     argv = _argv(data, teacher, ds, hosted, *common, "--teacher_ranks", "0,1")
-    ranks = launch(_recipe_rank_loads, 4, args=(argv,), timeout_s=300)
+    ranks = launch(recipe_rank_loads, 4, args=(argv,), timeout_s=300)
     assert [rc for rc, _ in ranks] == [0] * 4
     assert all(str(teacher) not in loaded for _, loaded in ranks)  # teacher ranks: shard by shard; students: never
     res = json.loads((hosted / "results.json").read_text())

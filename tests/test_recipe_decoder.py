@@ -10,7 +10,7 @@ import pytest
 
 from ad2_ds.testing import launch
 
-from conftest import decoder_tokenizer, save_tiny_teacher, tiny_decoder, write_glue_fixture
+from conftest import decoder_tokenizer, recipe_rank_loads, save_tiny_teacher, tiny_decoder, write_glue_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
@@ -38,22 +38,6 @@ def decoder_dirs(tmp_path_factory):
     return tmp, data, tmp / "teacher", student, ds
 
 
-def _recipe_rank(rank, world_size, argv):
-    """The recipe's exit code and every path a whole model was loaded from on this rank."""
-    from transformers import AutoModelForSequenceClassification
-
-    import distill_glue
-
-    loaded, whole = [], AutoModelForSequenceClassification.from_pretrained.__func__
-
-    def record(cls, path, *args, **kwargs):
-        loaded.append(str(path))
-        return whole(cls, path, *args, **kwargs)
-
-    AutoModelForSequenceClassification.from_pretrained = classmethod(record)
-    return distill_glue.main(argv), loaded
-
-
 @pytest.mark.parametrize("method", ["ad2-dkd", "pkd"])
 def test_decoder_teacher_at_tp2_distils_into_a_bert_student(decoder_dirs, method):
     import torch
@@ -67,7 +51,7 @@ def test_decoder_teacher_at_tp2_distils_into_a_bert_student(decoder_dirs, method
     argv = ["--deepspeed", str(ds), "--task", "sst2", "--data_dir", str(data), "--teacher", str(teacher), "--student",
             str(student), "--max_seq_length", "16", "--output_dir", str(out), "--no_progress", "--num_train_epochs",
             "1", "--method", method, "--teacher_tp_size", "2", "--epsilon", "1e-2", "--step_size", "1e-2"]  # fmt: skip
-    ranks = launch(_recipe_rank, 2, args=(argv,), timeout_s=400)
+    ranks = launch(recipe_rank_loads, 2, args=(argv,), timeout_s=400)
     assert [rc for rc, _ in ranks] == [0, 0]
     for _, loaded in ranks:  # the student and the best student scored on test are loaded whole; the teacher never
         assert str(student) in loaded and str(teacher) not in loaded
