@@ -183,10 +183,10 @@ def optimizer_state_bytes(engine, model_params) -> dict:
 
 def _student_rank(rank, world_size, stage, batch_size, seq_len, dtype_name="fp32"):
     meter = Meter()
-    import deepspeed
     import torch
 
     from ad2_ds import AD2Config, AD2Objective, TeacherOutput, dist
+    from ad2_ds.engine import build_engine
 
     dist.init_distributed()
     meter.mark("base")
@@ -201,7 +201,7 @@ def _student_rank(rank, world_size, stage, batch_size, seq_len, dtype_name="fp32
                  "steps_per_print": 10**9}
     if dtype_name == "bf16":
         ds_config["bf16"] = {"enabled": True}
-    engine, *_ = deepspeed.initialize(model=objective, optimizer=opt, config=ds_config)
+    engine, _ = build_engine(objective, ds_config, optimizer=opt, single_rank_path=False)  # exactly this JSON
     meter.mark("engine")
     g = torch.Generator().manual_seed(rank)
     ids = torch.randint(1000, 30000, (batch_size, seq_len), generator=g)

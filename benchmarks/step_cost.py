@@ -432,7 +432,9 @@ def main(argv=None):
 
 def deepspeed_phase(args, initial_student, teacher_config, batch, logits_only, plain: Dict[str, Runner]):
     """kd and ad2-dkd fast K=1, cached teacher: a single-rank ZeRO-2 engine against the plain loop, interleaved."""
-    deepspeed = init_single_rank_deepspeed()
+    from ad2_ds.engine import build_engine
+
+    init_single_rank_deepspeed()
     ds_config = {"train_micro_batch_size_per_gpu": args.batch_size, "gradient_accumulation_steps": 1,
                  "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
                  "steps_per_print": 10**9}
@@ -443,7 +445,7 @@ def deepspeed_phase(args, initial_student, teacher_config, batch, logits_only, p
         student = copy.deepcopy(initial_student).train()
         objective = AD2Objective(student, AD2Config(**METHODS[name][0]), teacher_config=teacher_config)
         opt = torch.optim.AdamW(objective.parameters(), lr=1e-5)
-        engine, *_ = deepspeed.initialize(model=objective, optimizer=opt, config=ds_config)
+        engine, _ = build_engine(objective, ds_config, optimizer=opt, single_rank_path=False)  # exactly this JSON
         eng = Runner(f"{name} [engine]", engine_step(engine, batch, lambda: logits_only), PassCounter(student))
         pl = Runner(name, plain[name].step, plain[name].counter)
         runners += [pl, eng]
