@@ -31,6 +31,8 @@ def exclusive(lock_path, what: str, group=None):
         except BlockingIOError:
             print(f"{what}: another process holds {lock_path}; waiting for it to finish", flush=True)
             fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:  # a file system without locks: go on unguarded, as before there was a lock
+            print(f"{what}: cannot lock {lock_path} ({e}); not guarded against a concurrent build", flush=True)
         _HELD.add(lock_path)
     if on:
         tdist.barrier(group=group)
