@@ -690,7 +690,7 @@ def _has_safetensors(path) -> bool:
 
     try:
         checkpoint_files(resolve_model(path))
-    except (ValueError, FileNotFoundError, OSError):
+    except (ValueError, OSError):  # .bin only, no weights, or not a local folder
         return False
     return True
 

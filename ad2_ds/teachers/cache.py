@@ -47,7 +47,13 @@ _STORAGE = {
 }
 _FROM_NAME = {name: dt for dt, (name, _) in _STORAGE.items()}
 SHARD_FILES = ("idx", "logits", "crc", "tokens", "hidden")
-LOCK_FILE = ".lock"  # held while a job builds the cache (:func:`ad2_ds.utils.exclusive`)
+LOCK_FILE = ".lock"  # held while a job builds the cache (:func:`build_lock`)
+
+
+def build_lock(cache_dir):
+    """Held while a job checks and builds the cache in ``cache_dir``: another job building the same cache waits, then
+    reuses it (:func:`ad2_ds.utils.exclusive`: re-entrant, so a caller may hold it around the build). Collective."""
+    return exclusive(os.path.join(cache_dir, LOCK_FILE), "teacher cache")
 
 
 def state_dict_hash(model_or_state: Union[torch.nn.Module, Mapping[str, torch.Tensor]]) -> str:
@@ -225,7 +231,7 @@ def build_teacher_cache(
     meta_path = cache_dir / "meta.json"
     rank, world = dist.get_rank(), dist.get_world_size()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with exclusive(cache_dir / LOCK_FILE, "teacher cache"):  # another job building this cache: wait, then reuse it
+    with build_lock(cache_dir):  # another job building this cache: wait, then reuse it
         _barrier()
         if not overwrite and meta_path.exists():
             meta = json.loads(meta_path.read_text())

@@ -141,11 +141,10 @@ def build_teacher(
 def open_or_build_cache(live: Teacher, needs: TeacherNeeds, placement: TeacherPlacement, data: CacheData) -> Teacher:
     """Reuse a cache whose fingerprint matches (no teacher pass); build it when there is none; never silently
     rebuild a stale one."""
-    from ..utils import exclusive
-    from .cache import LOCK_FILE, CachedTeacher, build_cache_for_dataset
+    from .cache import CachedTeacher, build_cache_for_dataset, build_lock
 
     cache_dir, need = placement.cache_dir, needs.hidden_layers or ()
-    with exclusive(os.path.join(cache_dir, LOCK_FILE), "teacher cache"):  # a run building it: wait, then reuse
+    with build_lock(cache_dir):  # a run building it: wait, then reuse (checked under the lock: never a stale rebuild)
         if os.path.isfile(os.path.join(cache_dir, "meta.json")):
             try:
                 return CachedTeacher(cache_dir, data.parts, require_hidden_layers=need)
