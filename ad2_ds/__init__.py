@@ -11,7 +11,8 @@ losses = objective(batch, teacher_output)        # {"loss", "ce", "kd", "ada", .
 from .config import METHODS, PRESETS, AD2Config
 from .matching import Feature, MatchSpec, build_matches, layer_pairs, register_feature, register_loss
 from .objective import AD2Objective
-from .run import DataConfig, RunConfig, run_distillation
+from .run import run_distillation
+from .run_config import DataConfig, RunConfig
 from .teachers.base import Teacher, TeacherOutput
 
 __version__ = "0.1.0"

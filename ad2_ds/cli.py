@@ -17,7 +17,7 @@ from .flags import add_flags, flags_of, from_flags
 
 
 def run_parser(doc: str) -> argparse.ArgumentParser:
-    from .run import RunConfig
+    from .run_config import RunConfig
 
     p = argparse.ArgumentParser(description=doc.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_flags(p, RunConfig)
@@ -28,7 +28,7 @@ def run_parser(doc: str) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace, **overrides):
     """The RunConfig of parsed flags; ``--deepspeed`` and ``--deepspeed_config`` are one setting."""
-    from .run import RunConfig
+    from .run_config import RunConfig
 
     if args.deepspeed and args.deepspeed_config and args.deepspeed != args.deepspeed_config:
         raise ConfigError("deepspeed", "and --deepspeed_config name different files: pass one")
@@ -38,7 +38,7 @@ def config_from_args(args: argparse.Namespace, **overrides):
 def error_line(e: Exception) -> str:
     """``error: ...`` in the command line's words: a config field becomes its flag."""
     if isinstance(e, ConfigError):
-        from .run import RunConfig
+        from .run_config import RunConfig
 
         return f"error: --{flags_of(RunConfig).get(e.field, e.field)} {e.detail}"
     return f"error: {e}"

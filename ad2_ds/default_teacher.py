@@ -3,8 +3,8 @@ reused by later runs.
 
     path = ensure_default_teacher(config, task, ds_config)   # every rank; the first run fine-tunes
 
-Fine-tuning is :func:`ad2_ds.run.run_distillation` with method ``finetune`` and the base model as the student, in
-this process, on the run's own DeepSpeed JSON without its monitors.
+Fine-tuning is :func:`ad2_ds.distill.run_with_teacher` with no teacher, method ``finetune`` and the base model as
+the student, in this process, on the run's own DeepSpeed JSON without its monitors.
 """
 
 import os
@@ -53,7 +53,7 @@ def teacher_ds_config(student_ds_config: dict) -> dict:
 def finetune_config(config, run_dir: str, ds_config: dict):
     """The fine-tuning run of the default teacher: the run's task and data, the base model, method finetune, the
     teacher's epochs and seed; everything else at its default."""
-    from .run import DataConfig, RunConfig
+    from .run_config import DataConfig, RunConfig
 
     data = config.data
     return RunConfig(
@@ -79,7 +79,7 @@ def ensure_default_teacher(config, task, ds_config: dict) -> str:
     """The default teacher for ``task``: all-MiniLM-L6-v2 fine-tuned here once, then reused from the cache."""
     import torch.distributed as dist
 
-    from .run import run_distillation
+    from .distill import run_with_teacher
     from .utils import exclusive
 
     target = default_teacher_dir(config, task)
@@ -96,7 +96,7 @@ def ensure_default_teacher(config, task, ds_config: dict) -> str:
             )
             shutil.rmtree(run_dir, ignore_errors=True)
         dist.barrier()
-        run_distillation(finetune_config(config, run_dir, ds_config))
+        run_with_teacher(finetune_config(config, run_dir, ds_config), None)
         if dist.get_rank() == 0:
             os.replace(os.path.join(run_dir, "best"), target)  # atomic: a half-trained teacher is never reused
             shutil.copy(os.path.join(run_dir, "results.json"), os.path.join(target, "finetune_results.json"))

@@ -440,7 +440,7 @@ def test_a_run_waits_for_the_default_teacher_another_run_is_fine_tuning_then_reu
 ):
     """Two runs of a sweep started together on a fresh machine: the second waits for the first one's fine-tuning
     (it used to fine-tune the same teacher into the same folder at the same time), then reuses the teacher."""
-    from ad2_ds import default_teacher, run
+    from ad2_ds import default_teacher, distill
     from ad2_ds.data.tasks import get_task
     from ad2_ds.dist import init_distributed
     from recipes import distill_glue
@@ -455,7 +455,7 @@ def test_a_run_waits_for_the_default_teacher_another_run_is_fine_tuning_then_reu
     def fine_tune_again(*args, **kwargs):
         raise AssertionError("fine-tuned the teacher another run is fine-tuning")
 
-    monkeypatch.setattr(run, "run_distillation", fine_tune_again)
+    monkeypatch.setattr(distill, "run_with_teacher", fine_tune_again)
     init_distributed()
     assert default_teacher.ensure_default_teacher(config, task, {}) == target
     assert other.wait(timeout=60) == 0

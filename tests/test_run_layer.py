@@ -225,7 +225,7 @@ def test_a_tp_teacher_saved_as_bin_is_refused_before_any_work(tmp_path):
 def test_a_regression_target_of_minus_one_is_a_label():
     import datasets
 
-    from ad2_ds.run import _labelled
+    from ad2_ds.run_data import labelled as _labelled
 
     ratings = datasets.Dataset.from_dict({"label": [0.5, -1.0, 2.25]})  # movie-valence's test holds -1.0 ratings
     assert _labelled(ratings, regression=True)

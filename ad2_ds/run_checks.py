@@ -1,0 +1,98 @@
+"""The checks made before anything loads: a config against the world, and a given teacher's labels against the data.
+
+    ds_config = check_run(config, world_size)   # files, the DeepSpeed JSON, the output folder, the ranks
+    task, splits = load_data(config.data)
+    check_teacher_labels(config, task)          # the teacher's config.json only
+
+Each raises :class:`ad2_ds.config.ConfigError` (or ValueError) with one line naming what to change, before any model
+is fetched or trained.
+"""
+
+import os
+
+from .config import ConfigError
+from .run_config import RUN_FILES, RunConfig
+
+
+def check_run(config: RunConfig, world_size: int) -> dict:
+    """Check the config against the world before any expensive work; returns the loaded DeepSpeed JSON.
+    world_size: every rank of the job (the hosted layout's teacher ranks included)."""
+    import torch
+
+    from .data.tasks import get_task
+    from .dsconfig import check_ds_config, load_ds_config
+
+    data = config.data
+    if data.is_custom:
+        from .data.custom import check_custom_files
+
+        check_custom_files(data.custom())  # files, formats, UTF-8, columns: labels are checked when read
+    else:
+        get_task(data.task)
+    ranks = config.teacher_ranks
+    student_world = world_size
+    if ranks:
+        from .dist import assign_teacher_ranks, check_teacher_ranks
+
+        check_teacher_ranks(ranks, world_size)
+        assign_teacher_ranks(ranks, [r for r in range(world_size) if r not in ranks])
+        student_world -= len(ranks)
+    elif world_size % config.teacher_tp_size:
+        raise ConfigError("teacher_tp_size", f"{config.teacher_tp_size} does not divide the world size {world_size}")
+    if isinstance(config.deepspeed, dict):
+        ds_config = config.deepspeed
+        check_ds_config(ds_config, "the DeepSpeed config", student_world, torch.cuda.is_available())
+    else:
+        ds_config = load_ds_config(config.deepspeed, student_world)
+    if (config.teacher_tp_size > 1 or len(ranks) > 1) and config.teacher and os.path.isdir(config.teacher):
+        from .teachers.sharded import checkpoint_files
+
+        try:  # a tensor-parallel teacher loads shard by shard from safetensors (reads the file headers only)
+            checkpoint_files(config.teacher)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError("teacher", f"{config.teacher}: {e}") from None
+    if config.teacher_dtype == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("teacher_dtype", "fp16 needs a GPU; on CPU use bf16")
+    if data.data_dir and not os.path.isdir(data.data_dir):
+        raise ConfigError("data_dir", f"{data.data_dir} is not a directory: point it at the GLUE data folder")
+    if data.augment_copies:
+        from .data.augment import default_wordnet_dir, missing_wordnet_files
+
+        wordnet_dir = data.wordnet_dir or default_wordnet_dir()
+        missing = missing_wordnet_files(wordnet_dir)
+        if missing:
+            raise ConfigError(
+                "augment_copies",
+                f"needs WordNet 3.0's database files, and wordnet_dir {wordnet_dir} lacks {', '.join(missing)}: "
+                "apt install wordnet-base, or point wordnet_dir at a WordNet dict folder",
+            )
+    out = config.output_dir
+    has_run = os.path.isdir(out) and any(os.path.exists(os.path.join(out, f)) for f in RUN_FILES)
+    if has_run and not (config.resume or config.overwrite_output_dir):
+        raise ConfigError(
+            "output_dir",
+            f"{out} already holds a run: set resume to continue it, overwrite_output_dir to replace it, "
+            "or choose another output_dir",
+        )
+    if config.resume:
+        from .checkpoint import check_resumable
+        from .trainer import CKPT_DIR
+
+        check_resumable(os.path.join(out, CKPT_DIR))
+    return ds_config
+
+
+def check_teacher_labels(config: RunConfig, task) -> None:
+    """A given teacher's labels against the user's data (its config.json only), right after the data is read: a
+    teacher for another label set stops the run before anything is loaded or trained."""
+    if not (config.teacher and task.is_custom):
+        return
+    from transformers import AutoConfig
+
+    from .data.assets import resolve_model
+    from .data.custom import match_teacher_labels
+
+    path = resolve_model(config.teacher)
+    teacher_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+    if any(a.endswith("ForSequenceClassification") for a in (teacher_config.architectures or [])):
+        match_teacher_labels(teacher_config, task)
