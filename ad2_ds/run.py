@@ -539,6 +539,9 @@ def _distill(config, task, ds_config, teacher_path, splits, setup_seconds, callb
     setup_seconds["teacher"] = time.perf_counter() - clock  # includes building the teacher cache when there is one
 
     out = _prepare_output_dir(config, rank, group)
+    from .schedule import schedule_callbacks  # ε and η over the run, unless constant
+
+    callbacks = [*schedule_callbacks(cfg, objective, engine, group), *callbacks]
     try:
         state = train(
             engine,
@@ -840,6 +843,7 @@ def _state_results(state) -> dict:
         "samples_per_second": state.samples / max(state.train_seconds, 1e-9),
         "teacher_wait_seconds": state.teacher_wait_seconds,
         "nonfinite_skipped": state.nonfinite_skipped,
+        **({"schedule": state.schedule} if state.schedule is not None else {}),  # the radius schedule's last state
     }
 
 
