@@ -3,6 +3,9 @@ and a scheduled run killed and resumed ending equal to an uninterrupted one."""
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,12 +14,33 @@ import torch
 from ad2_ds import AD2Config, AD2Objective
 from ad2_ds.perturb import per_example_norm
 from ad2_ds.schedule import RadiusSchedule
+from ad2_ds.teachers.base import TeacherOutput
 
 from conftest import SPECIAL, WORDS, random_batch, save_tiny_teacher, tiny_bert, write_glue_fixture
-from test_objective import teacher_out
-from test_recipe import _argv, _final_weights, _run
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _argv(data, teacher, ds, out, *extra):  # tests/test_recipe.py's run
+    return ["--deepspeed", str(ds), "--task", "sst2", "--data_dir", str(data), "--teacher", str(teacher),
+            "--student_layers", "bottom:1", "--max_seq_length", "16", "--output_dir", str(out), "--no_progress",
+            "--epsilon", "1e-3", *extra]  # fmt: skip
+
+
+def _run(argv, fault=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    script = ["tests/fault_run.py", "--fault", fault] if fault else ["recipes/distill_glue.py"]
+    cmd = [sys.executable, str(ROOT / script[0]), *script[1:], *argv]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _final_weights(out):
+    ckpt = out / "checkpoints"
+    tag = (ckpt / "latest").read_text().strip()
+    state = torch.load(ckpt / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return tag, state["module"]
 
 
 def test_linear_schedule_hits_start_and_end_exactly_and_eta_keeps_its_ratio():
@@ -122,7 +146,9 @@ def test_bad_schedule_settings(kwargs, match):
 
 def test_the_objective_uses_the_radius_it_is_given():
     teacher, batch = tiny_bert(seed=1, layers=4), random_batch(batch_size=6, seq_len=10)
-    t = teacher_out(teacher, batch, scale=20.0)
+    with torch.no_grad():
+        logits = teacher(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}).logits
+    t = TeacherOutput(logits * 20.0, None, None)
 
     def delta(cfg, radius=None):
         obj = AD2Objective(tiny_bert(seed=2), cfg, teacher.config)
