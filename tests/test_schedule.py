@@ -225,3 +225,21 @@ def test_a_schedule_that_stays_put_trains_bit_for_bit_like_the_constant_radius(w
     assert all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = (json.loads((tmp / d / "results.json").read_text()) for d in ("constant", "flat"))
     assert ra["history"] == rb["history"] and "schedule" not in ra and rb["schedule"]["epsilon"] == 1e-3
+
+
+def test_the_loops_that_run_no_schedule_refuse_one_in_one_line(tmp_path, capsys):
+    from ad2_ds.schedule import require_constant
+    from recipes import distill_accelerate
+
+    require_constant(AD2Config(), "here")  # constant: nothing to refuse
+    argv = ["--train_file", str(tmp_path / "none.csv"), "--validation_file", str(tmp_path / "none.csv"),
+            "--teacher", str(tmp_path), "--output_dir", str(tmp_path / "out"),
+            "--epsilon_schedule", "cosine", "--epsilon_end", "0.5"]  # fmt: skip
+    assert distill_accelerate.main(argv) == 2  # before its data (missing here) is read
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: epsilon_schedule cosine: recipes/distill_accelerate.py runs a constant epsilon; schedules "
+                   "run in recipes/distill_glue.py"]  # fmt: skip
+    with pytest.raises(ValueError, match="AD2Trainer runs a constant epsilon"):
+        from ad2_ds.hf import AD2Trainer
+
+        AD2Trainer(tiny_bert(), ad2_config=AD2Config(epsilon_schedule="linear", epsilon_end=2.0))
