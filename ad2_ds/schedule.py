@@ -128,7 +128,8 @@ class RadiusScheduleCallback(Callback):
         epsilon, step_size = self.objective.epsilon, self.objective.step_size  # what this step used
         _log_scalars(self.engine, {"train/epsilon": epsilon, "train/step_size": step_size})
         if self.cfg.epsilon_schedule == "plateau":
-            total = torch.tensor([self._sum, float(self._count)], dtype=torch.float64)
+            # on the loss's device: NCCL reduces CUDA tensors only
+            total = torch.tensor([self._sum, float(self._count)], dtype=torch.float64, device=losses["loss"].device)
             if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
                 dist.all_reduce(total, group=self.group)  # every rank decides alike: one ε for the whole run
             if total[1] > 0:

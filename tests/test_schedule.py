@@ -243,3 +243,20 @@ def test_the_loops_that_run_no_schedule_refuse_one_in_one_line(tmp_path, capsys)
         from ad2_ds.hf import AD2Trainer
 
         AD2Trainer(tiny_bert(), ad2_config=AD2Config(epsilon_schedule="linear", epsilon_end=2.0))
+
+
+def test_plateau_on_two_ranks_reduces_the_watched_loss_and_finishes(world):
+    from ad2_ds.dist import find_free_port
+
+    tmp, data, teacher, ds = world
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                str(find_free_port()), str(ROOT / "recipes" / "distill_glue.py")]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    out = tmp / "two"
+    res = subprocess.run(launcher + _argv(data, teacher, ds, out, *PLATEAU), env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2 and results["schedule"]["grown_at"]  # the reduced loss made ε grow
