@@ -42,6 +42,7 @@ class TrainState:
     samples: int = 0
     teacher_wait_seconds: float = 0.0
     nonfinite_skipped: int = 0
+    schedule: Optional[dict] = None  # the radius schedule's state (ad2_ds.schedule), when it is not constant
     rng: Optional[List[dict]] = None  # one RNG state per rank
 
 

@@ -83,6 +83,8 @@ METHODS = tuple(PRESETS)
 LAYER_MAPS = ("uniform", "skip", "bottom", "top")
 ATTENTION_LOSSES = ("kl", "mse")
 HEAD_MISMATCH = ("mean", "error")
+SCHEDULES = ("constant", "linear", "cosine", "plateau")
+PLATEAU_MONITORS = ("ada", "loss", "kd", "ce")
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ class AD2Config:
     temperature: softmax temperature t of ``kd`` and ``ada`` (losses carry the t² factor).
     epsilon: radius of δ's ball (pga); step_size: η of the ascent; pga_steps: K (pga and smart).
     perturbation, perturb_norm, perturb_size, perturb_place, noise_var, random_direction: see the fields' help.
+    epsilon_schedule, epsilon_end, step_size_end, plateau_*: ε and η over the run (:mod:`ad2_ds.schedule`); epsilon and
+        step_size are then the values at the first step.
     random_start: start the ascent at a random point of the ball (costs one extra forward/backward).
     fast_pga: reuse the clean forward's graph for the first ascent gradient (exact; saves one forward).
     adversarial_target: "teacher" (δ maximises KL to the teacher's soft labels) or "labels" (ad2-kd: CE on labels).
@@ -160,6 +164,37 @@ class AD2Config:
     random_start: bool = setting(False, teacher_outputs=False)
     fast_pga: bool = setting(
         True, "recompute the clean forward for the first ascent step", flag="naive_pga", teacher_outputs=False
+    )
+    epsilon_schedule: str = setting(
+        "constant",
+        "constant | linear | cosine | plateau: epsilon and eta over the run's optimizer steps. linear, cosine: from "
+        "--epsilon/--step_size at the first step to --epsilon_end/--step_size_end at the last; plateau: both grow by "
+        "--plateau_factor each time the running --plateau_monitor loss has not improved for --plateau_patience steps, "
+        "up to the end values",
+        teacher_outputs=False,
+    )
+    epsilon_end: Optional[float] = setting(
+        None, "epsilon at the schedule's last step (plateau: its cap)", teacher_outputs=False
+    )
+    step_size_end: Optional[float] = setting(
+        None,
+        "eta at the schedule's last step (plateau: its cap); default: eta keeps its ratio to epsilon "
+        "(step_size * epsilon_end / epsilon)",
+        teacher_outputs=False,
+    )
+    plateau_monitor: str = setting(
+        "ada",
+        "plateau: the training loss term watched (its running mean): ada | loss | kd | ce",
+        teacher_outputs=False,
+    )
+    plateau_patience: int = setting(
+        20, "plateau: optimizer steps without a new best running loss before epsilon grows", teacher_outputs=False
+    )
+    plateau_factor: float = setting(2.0, "plateau: epsilon and eta are multiplied by this", teacher_outputs=False)
+    plateau_smoothing: float = setting(
+        0.9,
+        "plateau: the running loss is an exponential mean, value = s * value + (1 - s) * loss (0: each step's own)",
+        teacher_outputs=False,
     )
     w_ce: Optional[float] = setting(None, "override the method's preset weight")
     w_kd: Optional[float] = setting(None, "override the method's preset weight")
@@ -229,10 +264,83 @@ class AD2Config:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self._check_schedule()
         if self.layer_map not in LAYER_MAPS:
             parse_layer_pairs(self.layer_map)  # raises on a malformed explicit map
         if self.total_weight() == 0:
             raise ValueError("every loss weight is 0: nothing to optimise")
+
+    def _check_schedule(self) -> None:
+        """The radius schedule's settings; fills ``step_size_end`` (η keeps its ratio to ε) so results hold it."""
+        kind, eps, eps_end, eta_end = self.epsilon_schedule, self.epsilon, self.epsilon_end, self.step_size_end
+        if kind not in SCHEDULES:
+            raise ValueError(f"epsilon_schedule must be one of {SCHEDULES}, got {kind!r}")
+        plateau_set = [
+            f.name for f in dataclasses.fields(self)
+            if f.name.startswith("plateau_") and getattr(self, f.name) != f.default
+        ]  # fmt: skip
+        if kind != "plateau" and plateau_set:
+            raise ValueError(f"{plateau_set[0]} is for epsilon_schedule plateau, not {kind}")
+        if kind == "constant":
+            given = [n for n in ("epsilon_end", "step_size_end") if getattr(self, n) is not None]
+            if given:
+                raise ValueError(
+                    f"{given[0]} is set but epsilon_schedule is constant: drop it, or pick --epsilon_schedule "
+                    "linear, cosine or plateau"
+                )
+            return
+        if not self.adversarial or self.perturbation != "pga":
+            what = f"method {self.method!r} has no adversarial term" if not self.adversarial else "smart has none"
+            raise ValueError(f"epsilon_schedule {kind} schedules the pga ball's radius, but {what}")
+        if eps_end is None:
+            raise ValueError(f"epsilon_schedule {kind} needs --epsilon_end (epsilon at the last step, or the cap)")
+        if eps_end < 0:
+            raise ValueError(f"epsilon_end must be >= 0 (a schedule cannot end below zero), got {eps_end}")
+        if eta_end is None:
+            if eps == 0:
+                raise ValueError(
+                    f"epsilon_schedule {kind} from epsilon 0 needs --step_size_end (eta cannot keep a ratio to 0)"
+                )
+            eta_end = self.step_size * eps_end / eps
+            object.__setattr__(self, "step_size_end", eta_end)
+        if not eta_end > 0:
+            raise ValueError(f"step_size_end must be > 0, got {eta_end}")
+        if kind == "plateau":
+            checks = [
+                (eps > 0, f"epsilon_schedule plateau multiplies epsilon: start from epsilon > 0, got {eps}"),
+                (eps_end > eps, f"epsilon_end (the plateau's cap) must exceed epsilon {eps}, got {eps_end}"),
+                (
+                    eta_end >= self.step_size,
+                    f"step_size_end (the plateau's cap) must be >= step_size {self.step_size}",
+                ),
+                (self.plateau_factor > 1, f"plateau_factor must be > 1, got {self.plateau_factor}"),
+                (
+                    isinstance(self.plateau_patience, int) and self.plateau_patience >= 1,
+                    f"plateau_patience must be an int >= 1, got {self.plateau_patience}",
+                ),
+                (
+                    0 <= self.plateau_smoothing < 1,
+                    f"plateau_smoothing must be in [0, 1), got {self.plateau_smoothing}",
+                ),
+                (
+                    self.plateau_monitor in PLATEAU_MONITORS,
+                    f"plateau_monitor must be one of {PLATEAU_MONITORS}, got {self.plateau_monitor!r}",
+                ),
+                (
+                    self.plateau_monitor not in ("kd", "ce") or getattr(self, "w_" + self.plateau_monitor) > 0,
+                    f"plateau_monitor {self.plateau_monitor!r} is not computed: its weight is 0 in {self.method!r}",
+                ),
+            ]
+            for ok, message in checks:
+                if not ok:
+                    raise ValueError(message)
+
+    @property
+    def epsilon_range(self) -> tuple:
+        """(ε at the first step, ε at the last or the cap), (η likewise): the schedule's ends; constant: twice."""
+        if self.epsilon_schedule == "constant":
+            return (self.epsilon, self.epsilon), (self.step_size, self.step_size)
+        return (self.epsilon, self.epsilon_end), (self.step_size, self.step_size_end)
 
     def total_weight(self) -> float:
         return self.w_ce + self.w_kd + self.alpha + self.w_hidden + self.w_attention + self.w_pkd
@@ -243,8 +351,9 @@ class AD2Config:
 
     @property
     def zero_delta(self) -> bool:
-        """δ is identically 0 (the ε = 0 control): no ascent is run; the adversarial term sees another dropout draw."""
-        return self.perturbation == "pga" and self.epsilon == 0
+        """δ is identically 0 (the ε = 0 control, at every step): no ascent is run; the adversarial term sees another
+        dropout draw."""
+        return self.perturbation == "pga" and max(self.epsilon_range[0]) == 0
 
     @property
     def deep_kd(self) -> bool:

@@ -112,6 +112,9 @@ def distill(config: RunConfig, prepared: Prepared, teacher_path, callbacks: Sequ
         setup_seconds["teacher"] = time.perf_counter() - clock
 
     out = prepare_output_dir(config, rank, group)
+    from .schedule import schedule_callbacks  # ε and η over the run, unless constant
+
+    callbacks = [*schedule_callbacks(cfg, objective, engine, group), *callbacks]
     try:
         state = train(
             engine,

@@ -44,6 +44,7 @@ from .config import AD2Config
 from .losses import hard_loss
 from .modeling import accepted_inputs, model_inputs
 from .objective import AD2Objective
+from .schedule import require_constant
 from .teachers.base import TEACHER_PREFIX, Teacher
 from .teachers.local import LocalTeacher
 
@@ -163,6 +164,7 @@ class AD2Trainer(Trainer):
         if model is None:
             raise ValueError("AD2Trainer needs model= (the student)")
         cfg = ad2_config or AD2Config()
+        require_constant(cfg, "AD2Trainer")  # a schedule is a callback of ad2_ds.trainer's loop
         device = args.device if args is not None else None  # sets up accelerate's state (and the process group)
         repair_cpu_deepspeed_state()
         self.teacher = as_teacher(teacher, cfg, device)

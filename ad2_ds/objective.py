@@ -72,16 +72,20 @@ class AD2Objective(nn.Module):
         self._hidden_s = inner.config.hidden_size
         self._n_labels_s = inner.config.num_labels
         self.last_delta: Optional[torch.Tensor] = None
+        # ε and η of the current step: the config's, unless a radius schedule sets them (set_radius)
+        self.epsilon, self.step_size = self.config.epsilon, self.config.step_size
         self._warned = False
         cfg = self.config
         pga = cfg.adversarial and cfg.perturbation == "pga"
-        if pga and not cfg.random_start and cfg.step_size * cfg.pga_steps < cfg.epsilon:
-            logger.warning(
-                "AD2: K steps of size eta reach at most |delta| = %g < epsilon = %g; raise step_size (eta >= "
-                "epsilon / K) for the ball to matter",
-                cfg.step_size * cfg.pga_steps,
-                cfg.epsilon,
-            )
+        for eps, eta in zip(*cfg.epsilon_range):  # a schedule's two ends; η·K - ε is linear between them
+            if pga and not cfg.random_start and eta * cfg.pga_steps < eps:
+                logger.warning(
+                    "AD2: K steps of size eta reach at most |delta| = %g < epsilon = %g; raise step_size (eta >= "
+                    "epsilon / K) for the ball to matter",
+                    eta * cfg.pga_steps,
+                    eps,
+                )
+                break
         if self.config.needs_attentions:
             use_predropout_attention(inner)  # HF returns post-dropout maps: noise with no gradient in a KL
 
@@ -98,6 +102,10 @@ class AD2Objective(nn.Module):
             self._hidden_t = teacher_config.hidden_size
             self._pool_last_t = pools_last_token(teacher_config)
             self._build_matches(num_layers(teacher_config))
+
+    def set_radius(self, epsilon: float, step_size: float) -> None:
+        """ε and η for the steps from now on (:class:`ad2_ds.schedule.RadiusScheduleCallback` calls it)."""
+        self.epsilon, self.step_size = float(epsilon), float(step_size)
 
     def use_engine(self, engine) -> None:
         """From now on run the student through ``engine``, a DeepSpeed engine built around this objective's student
@@ -320,7 +328,7 @@ class AD2Objective(nn.Module):
             }
 
     def _warn_if_vanished(self, applied: torch.Tensor, dtype) -> None:
-        if self._warned or self.config.zero_delta:
+        if self._warned or self.config.zero_delta or self.epsilon == 0:
             return
         ratio = float(applied)
         if ratio < 0.5:
@@ -330,7 +338,7 @@ class AD2Objective(nn.Module):
                 "the adversarial sample is nearly the clean one. Raise --epsilon and --step_size together (e.g. both "
                 ">= 1e-2 in bf16/fp16), use --perturb_size relative, or train in fp32.",
                 100 * ratio,
-                self.config.epsilon,
+                self.epsilon,
                 self.config.perturbation,
                 dtype,
             )
@@ -392,7 +400,7 @@ class AD2Objective(nn.Module):
         elif cfg.perturbation == "smart":
             # mt-dnn differentiates a KL summed over the batch: its η·∇ meets the noise at that scale
             delta = smart_perturbation(
-                loss_fn, shape, mask, cfg.noise_var, cfg.step_size, cfg.pga_steps, cfg.perturb_norm,
+                loss_fn, shape, mask, cfg.noise_var, self.step_size, cfg.pga_steps, cfg.perturb_norm,
                 loss_scale=float(shape[0]),
             )  # fmt: skip
         else:
@@ -400,8 +408,8 @@ class AD2Objective(nn.Module):
                 loss_fn,
                 shape,
                 mask,
-                cfg.epsilon,
-                cfg.step_size,
+                self.epsilon,
+                self.step_size,
                 cfg.pga_steps,
                 init_grad=init_grad,
                 random_init=cfg.random_start,

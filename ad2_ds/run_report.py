@@ -79,6 +79,7 @@ def state_results(state) -> dict:
         "samples_per_second": state.samples / max(state.train_seconds, 1e-9),
         "teacher_wait_seconds": state.teacher_wait_seconds,
         "nonfinite_skipped": state.nonfinite_skipped,
+        **({"schedule": state.schedule} if state.schedule is not None else {}),  # the radius schedule's last state
     }
 
 

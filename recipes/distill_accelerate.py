@@ -68,8 +68,10 @@ def training_function(args) -> int:
     from ad2_ds.flags import from_flags
     from ad2_ds.hf import cpu_backend
     from ad2_ds.run import DataConfig
+    from ad2_ds.schedule import require_constant
 
     cfg = from_flags(AD2Config, vars(args))
+    require_constant(cfg, "recipes/distill_accelerate.py")
     data = DataConfig(
         train_file=args.train_file,
         validation_file=args.validation_file,

@@ -93,7 +93,9 @@ def run(data_args: DataArguments, distill_args: DistillArguments, training_args,
     from ad2_ds.data.assets import resolve_model
     from ad2_ds.data.custom import CustomData, load_custom_task, match_teacher_labels
     from ad2_ds.data.glue import DataCollator, tokenize_dataset
+    from ad2_ds.schedule import require_constant
 
+    require_constant(cfg, "recipes/distill_trainer.py")
     out = training_args.output_dir
     if os.path.exists(os.path.join(out, "results.json")) and not training_args.overwrite_output_dir:
         raise ValueError(f"--output_dir {out} already holds a run: pass --overwrite_output_dir or another folder")

@@ -69,6 +69,16 @@ CASES = {
     "zero temperature": (lambda t, d, te, ds: {"--temperature": "0"}, "temperature"),
     "zero pga steps": (lambda t, d, te, ds: {"--pga_steps": "0"}, "pga_steps"),
     "unknown method": (lambda t, d, te, ds: {"--method": "ad3"}, "unknown method"),
+    "radius schedule ending below zero": (
+        lambda t, d, te, ds: {"--epsilon_schedule": "linear", "--epsilon_end": "-1"},
+        "cannot end below zero",
+    ),
+    "end for a constant radius": (lambda t, d, te, ds: {"--epsilon_end": "0.5"}, "epsilon_schedule is constant"),
+    "unknown radius schedule": (lambda t, d, te, ds: {"--epsilon_schedule": "exp"}, "epsilon_schedule must be one of"),
+    "plateau cap below epsilon": (
+        lambda t, d, te, ds: {"--epsilon_schedule": "plateau", "--epsilon_end": "0.5"},
+        "must exceed epsilon",
+    ),
     "bad student layers": (lambda t, d, te, ds: {"--student_layers": "middle:2"}, "--student_layers"),
     "augmentation without WordNet": (
         lambda t, d, te, ds: {"--augment_copies": "2", "--wordnet_dir": str(t)},
