@@ -122,7 +122,8 @@ def parse_args(argv=None):
     p.add_argument("--no_plain", action="store_true", help="skip the plain-loop rows")
     p.add_argument("--allow_jit", action="store_true", help="let DeepSpeed JIT-compile ops (refused by default)")
     p.add_argument("--budget_s", type=float, default=None,
-                   help="start no further phase after this many seconds (gpu: 330), so the call ends in time")
+                   help="start no further precision or phase after this many seconds (gpu: 330), so the call ends "
+                        "in time")
     p.add_argument("--out_dir", default=os.environ.get("OUT") or "gpu_check_out")
     p.add_argument("--phases", default=",".join(PHASES),
                    help=f"comma-separated, run in this order: {', '.join(PHASES)}")  # fmt: skip
@@ -169,6 +170,7 @@ def main(argv=None):
     }
     prior_wall, prior_memory = result.get("wall_s", 0.0), result.get("memory_mib", {})
     result.update({
+        "complete": False,  # until the phases below have run (an earlier process may have written True)
         "command": "bash benchmarks/gpu_check.sh" if args.mode == "gpu" else "python benchmarks/gpu_check.py",
         "argv": sys.argv[1:] if argv is None else list(argv),
         "environment": ctx["env"], "teacher": ctx["teacher_info"],

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,32 +37,37 @@ def inputs(tmp_path_factory):
     return data, teacher, ds, hostfile
 
 
-def _launch_nodes(hostfile, argv_of, timeout_s=240):
+def _launch_nodes(hostfile, argv_of, log_dir, timeout_s=240):
     """One ``deepspeed`` launcher per node rank, started together, node R running the recipe with ``argv_of(R)``;
-    their (returncode, output) in node order."""
+    their (returncode, output) in node order. Output goes to files (a full pipe would stall a node mid-run)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     port = str(find_free_port())
-    procs = []
-    for node_rank in range(2):
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
-               "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port", port,
-               str(ROOT / "recipes" / "distill_glue.py"), *argv_of(node_rank)]  # fmt: skip
-        # a session of its own: a hung node is killed with its ranks, not only its launcher
-        procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, start_new_session=True))  # fmt: skip
-    out = []
+    log_dir.mkdir()
+    logs = [log_dir / f"launcher{r}.log" for r in range(2)]
+    procs, codes = [], None
     try:
-        for p in procs:
-            out.append((p.wait(timeout=timeout_s), p.stdout.read()))
+        for node_rank, log in enumerate(logs):
+            cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
+                   "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port", port,
+                   str(ROOT / "recipes" / "distill_glue.py"), *argv_of(node_rank)]  # fmt: skip
+            with open(log, "w") as f:  # a session of its own: a hung node is killed with its ranks
+                procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                              start_new_session=True))  # fmt: skip
+        deadline = time.monotonic() + timeout_s
+        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    except subprocess.TimeoutExpired:
+        pass
     finally:
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-            p.stdout.close()
-    return out
+    texts = [log.read_text() for log in logs]
+    tails = "".join(f"\n--- node {r}:\n{t[-3000:]}" for r, t in enumerate(texts))
+    assert codes is not None, f"the two nodes did not finish within {timeout_s} s{tails}"
+    return list(zip(codes, texts))
 
 
 def _argv(data, teacher, ds, out, *extra):
@@ -76,7 +82,8 @@ def test_two_node_ranks_through_the_deepspeed_launcher(inputs, tmp_path, layout)
     is what the README's cluster section says."""
     data, teacher, ds, hostfile = inputs
     extra = ["--teacher_ranks", "0"] if layout == "hosted" else []
-    nodes = _launch_nodes(hostfile, lambda r: _argv(data, teacher, ds, tmp_path / f"node{r}", *extra))
+    argv_of = lambda r: _argv(data, teacher, ds, tmp_path / f"node{r}", *extra)
+    nodes = _launch_nodes(hostfile, argv_of, tmp_path / "logs")
     for node_rank, (rc, log) in enumerate(nodes):
         assert rc == 0, f"node {node_rank}:\n{log[-4000:]}"
 
