@@ -299,7 +299,10 @@ def save_pretrained_atomic(model: nn.Module, tokenizer, path: str, extra: Option
                 k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
                 for k, v in model.state_dict().items()
             }
-            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            from .patches import save_on_this_rank
+
+            with save_on_this_rank(model):  # transformers would write the weights on global rank 0 only
+                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             for name, obj in (extra or {}).items():

@@ -1,4 +1,5 @@
-"""Every place ad2-ds reaches into DeepSpeed's internals, in one module; :data:`TARGETS` names what each patch needs.
+"""Every place ad2-ds reaches into DeepSpeed's internals (and one of transformers'), in one module; :data:`TARGETS`
+names what each patch needs.
 
     no_shm_op()                            # before deepspeed.init_distributed on CPU
     skip_single_rank_allreduce(engine)     # after deepspeed.initialize
@@ -6,11 +7,13 @@
     load_weights_only(engine)              # before engine.load_checkpoint
     with default_group(group, engine): ... # DeepSpeed's world collectives on a subgroup
     reset_deepspeed_state()                # tests: forget a stale process group's state
+    with save_on_this_rank(model): model.save_pretrained(path)   # a group's rank 0 that is not global rank 0
 
-A DeepSpeed upgrade that renames or removes one of these targets makes :func:`missing_targets` name the patch
-(``tests/test_patches.py`` fails loudly with it) instead of the patch silently doing nothing.
+A DeepSpeed (or transformers) upgrade that renames or removes one of these targets makes :func:`missing_targets` name
+the patch (``tests/test_patches.py`` fails loudly with it) instead of the patch silently doing nothing.
 """
 
+import contextlib
 import importlib
 import sys
 from typing import Dict, List, Tuple
@@ -37,6 +40,7 @@ TARGETS: Dict[str, List[Tuple[str, str]]] = {
         ("deepspeed.inference.engine", "InferenceEngine.inference_mp_group"),
         ("deepspeed.utils.groups", "mpu"),
     ],
+    "save_on_this_rank": [("transformers.modeling_utils", "PreTrainedModel.should_save_on_this_rank")],
 }
 
 
@@ -119,6 +123,22 @@ def load_weights_only(engine) -> None:
             return torch.load(path, map_location=map_location, weights_only=True)
 
     ce.load = load
+
+
+@contextlib.contextmanager
+def save_on_this_rank(model):
+    """Let ``model.save_pretrained`` write on this rank. transformers 5 writes the weights and config on global rank 0
+    only (``should_save_on_this_rank``); the hosted layout's student group has its rank 0 elsewhere (global rank 0
+    serves the teacher), where the folder would otherwise get the tokenizer and no model. The caller has already
+    picked the one rank that writes."""
+    if not hasattr(model, "should_save_on_this_rank"):  # a transformers without the check: nothing to lift
+        yield model
+        return
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process  # shadows the method on this instance
+    try:
+        yield model
+    finally:
+        del model.should_save_on_this_rank
 
 
 def reset_deepspeed_state() -> None:

@@ -46,8 +46,7 @@ import re
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+import common
 
 TEACHERS = {
     "mpnet": "all-mpnet-base-v2 (real weights, 12 x 768, 109M params)",

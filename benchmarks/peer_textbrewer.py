@@ -41,9 +41,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-from common import quiet  # noqa: E402
+import common
+from common import quiet
 
 
 def minilm_config(layers: int):

@@ -22,9 +22,6 @@ import glob
 import json
 import os
 import statistics
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # ad2_ds, without PYTHONPATH
 
 
 def rows_from(path, suffix=""):

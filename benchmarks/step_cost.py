@@ -34,8 +34,7 @@ import torch
 from ad2_ds import AD2Config, AD2Objective, TeacherOutput
 from ad2_ds.modeling import find_embedding_module
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+import common
 
 # name -> (AD2Config kwargs, teacher: "none" | "cached" | "live")
 METHODS = {

@@ -34,12 +34,10 @@ import sys
 import tempfile
 import time
 
+import common
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-sys.path.insert(0, REPO)
-
-import common  # noqa: E402
 
 MODES = ("live", "inline", "cache-build", "cache-reuse")
 

@@ -28,8 +28,6 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 logger = logging.getLogger("distill_trainer")
 
 

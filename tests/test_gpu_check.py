@@ -97,3 +97,21 @@ def test_gpu_check_keeps_the_phases_that_ran_when_one_fails(tmp_path):
     assert not result["complete"] and set(result["errors"]) == {"fp16"}
     assert "fp16, which this machine's CPU cannot run" in result["errors"]["fp16"]
     assert [r["name"] for r in result["phases"]["fp32"]["results"]] == ["kd/cached/engine", "kd/live/engine"]
+
+
+def test_gpu_check_phases_run_as_processes_of_their_own_add_to_one_json(tmp_path):
+    # as benchmarks/gpu_check.sh runs them: one process per phase, by name, each adding its part to gpu_check.json
+    proc = run_check(tmp_path, "--phases", "steps", "--precisions", "fp32", "--methods", "kd", "--rounds", "1",
+                     "--no_plain")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert list(first["phases_run"]) == ["steps"] and not first["complete"]  # teacher_checks has not run yet
+    assert "teacher_checks" not in first and not list(tmp_path.glob("teacher-*"))  # nothing saved for it
+    proc = run_check(tmp_path, "--phases", "teacher_checks")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert list(result["phases_run"]) == ["steps", "teacher_checks"] and result["complete"]
+    assert result["phases"] == first["phases"]  # the first process's figures, kept
+    assert result["teacher_checks"]["bert_from_pretrained"]["max_abs_diff_vs_usual_build"] == 0.0
+    assert result["wall_s"] > first["wall_s"] and not list(tmp_path.glob("teacher-*"))  # its weights removed after
+    assert run_check(tmp_path, "--phases", "steps,nope").returncode == 2  # an unknown phase: a usage error

@@ -216,10 +216,8 @@ def _check_results(out, num_processes, deepspeed):
 
 
 def test_distill_trainer_recipe_in_process(recipe_inputs, tmp_path, capsys):
-    import importlib
+    from recipes import distill_trainer
 
-    sys.path.insert(0, str(REPO / "recipes"))
-    distill_trainer = importlib.import_module("distill_trainer")
     data, teacher = recipe_inputs
     assert distill_trainer.main(_trainer_argv(data, teacher, tmp_path / "run", "--use_cpu")) == 0
     _check_results(tmp_path / "run", 1, False)
@@ -235,10 +233,8 @@ def test_distill_trainer_recipe_in_process(recipe_inputs, tmp_path, capsys):
 
 
 def test_distill_trainer_refuses_a_teacher_with_other_labels(recipe_inputs, tmp_path, capsys):
-    import importlib
+    from recipes import distill_trainer
 
-    sys.path.insert(0, str(REPO / "recipes"))
-    distill_trainer = importlib.import_module("distill_trainer")
     data, teacher = recipe_inputs
     other = tmp_path / "data"
     other.mkdir()
@@ -286,10 +282,8 @@ def test_distill_accelerate_with_the_deepspeed_plugin_on_two_ranks(recipe_inputs
 
 
 def test_distill_accelerate_bad_input_exits_2_before_any_model(recipe_inputs, tmp_path, capsys):
-    import importlib
+    from recipes import distill_accelerate
 
-    sys.path.insert(0, str(REPO / "recipes"))
-    distill_accelerate = importlib.import_module("distill_accelerate")
     data, teacher = recipe_inputs
     empty = tmp_path / "empty.csv"
     empty.write_text("text,label\n")
@@ -301,13 +295,10 @@ def test_distill_accelerate_bad_input_exits_2_before_any_model(recipe_inputs, tm
 
 
 def test_distill_accelerate_takes_the_objective_and_data_flags_of_distill_glue():
-    import importlib
-
-    sys.path.insert(0, str(REPO / "recipes"))
-    distill_accelerate = importlib.import_module("distill_accelerate")
     from ad2_ds import AD2Config
     from ad2_ds.flags import from_flags
     from ad2_ds.run import DataConfig
+    from recipes import distill_accelerate
 
     argv = ["--train_file", "a.csv", "--validation_file", "b.csv", "--teacher", "t", "--output_dir", "o",
             "--method", "ad2-dkd", "--perturb_norm", "token-l2", "--perturb_size", "relative", "--epsilon", "0.05",
@@ -321,11 +312,8 @@ def test_distill_accelerate_takes_the_objective_and_data_flags_of_distill_glue()
 
 
 def test_distill_trainer_takes_the_objective_flags_of_distill_glue():
-    import importlib
-
-    sys.path.insert(0, str(REPO / "recipes"))
-    distill_trainer = importlib.import_module("distill_trainer")
     from ad2_ds import AD2Config
+    from recipes import distill_trainer
 
     base = ["--output_dir", "o", "--train_file", "a.csv", "--validation_file", "b.csv"]
     *_, cfg = distill_trainer.parse(base + ["--method", "ad2-dkd", "--perturb_norm", "token-l2", "--epsilon", "0.05"])

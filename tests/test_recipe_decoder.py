@@ -3,7 +3,6 @@ tokenizer: recipes/distill_glue.py on two gloo ranks with logit KD + AD² and wi
 a learned projection."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,6 @@ from ad2_ds.testing import launch
 from conftest import decoder_tokenizer, recipe_rank_loads, save_tiny_teacher, tiny_decoder, write_glue_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
 
 
 @pytest.fixture(scope="module")
