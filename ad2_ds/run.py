@@ -324,6 +324,9 @@ def check_run(config: RunConfig, world_size: int) -> dict:
             f"{out} already holds a run: set resume to continue it, overwrite_output_dir to replace it, "
             "or choose another output_dir",
         )
+    from .default_teacher import check_base_teacher
+
+    check_base_teacher(config)
     if config.resume:
         from .checkpoint import check_resumable
         from .trainer import CKPT_DIR
@@ -454,11 +457,9 @@ def run_distillation(config: RunConfig, callbacks: Sequence = ()) -> Optional[di
     task, splits = load_data(config.data)  # bad data fails here, before any model is fetched or trained
     check_teacher_labels(config, task)
     setup_seconds = {"load_and_augment_data": time.perf_counter() - clock}
-    teacher_path = config.teacher
-    if teacher_path is None and (config.objective.needs_teacher or not config.student):
-        from .default_teacher import ensure_default_teacher
+    from .default_teacher import teacher_for_run
 
-        teacher_path = ensure_default_teacher(config, task, ds_config)
+    teacher_path = teacher_for_run(config, task, ds_config)  # a base checkpoint is fine-tuned here on first use
     return _distill(config, task, ds_config, teacher_path, splits, setup_seconds, callbacks)
 
 
