@@ -230,3 +230,22 @@ def test_minilm_student_with_its_own_tokenizer_distils_from_the_mpnet_teacher(
         assert meta[0].stat().st_mtime_ns == written  # read back, not rebuilt
         again = json.loads((second / "results.json").read_text())
         assert again["history"] == results["history"]  # the same targets from the cache: the same run
+
+
+def test_the_depth_check_knows_both_base_teachers_and_leaves_other_teachers_alone(tmp_path):
+    from ad2_ds.config import ConfigError
+    from ad2_ds.default_teacher import base_teacher, check_base_teacher
+    from recipes import distill_glue
+
+    def config(*flags):
+        return distill_glue.parse_args(["--deepspeed", str(ROOT / "ds_configs" / "zero2.json"), *flags])
+
+    with pytest.raises(ConfigError, match="bottom:7 asks for 7 layers of all-MiniLM-L6-v2, which has 6"):
+        check_base_teacher(config("--student_layers", "bottom:7"))  # the MiniLM default, no --teacher
+    check_base_teacher(config("--student_layers", "bottom:6"))
+    check_base_teacher(config("--teacher", "all-mpnet-base-v2", "--student_layers", "skip:12"))
+    check_base_teacher(config("--teacher", "all-mpnet-base-v2", "--student", "x", "--student_layers", "skip:13"))
+    assert base_teacher(config("--teacher", "Sentence-Transformers/all-MPNet-base-v2")) == "all-mpnet-base-v2"
+    assert base_teacher(config("--teacher", "all-MiniLM-L6-v2")) == base_teacher(config()) == "all-MiniLM-L6-v2"
+    assert base_teacher(config("--teacher", str(tmp_path))) is None  # a folder is a teacher given ready
+    assert base_teacher(config("--teacher", "bert-base-uncased")) is None  # a hub name too
