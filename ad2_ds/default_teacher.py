@@ -1,18 +1,22 @@
-"""The default teacher: all-MiniLM-L6-v2 fine-tuned on the task (or the user's own data) once, kept in the cache,
-reused by later runs.
+"""The default teacher: a packaged base checkpoint fine-tuned on the task (or the user's own data) once, kept in the
+cache, reused by later runs. all-MiniLM-L6-v2 without ``--teacher``; ``--teacher all-mpnet-base-v2`` (MPNet,
+12 x 768, 110M) for a teacher of BERT-base size.
 
-    path = ensure_default_teacher(config, task, ds_config)   # every rank; the first run fine-tunes
+    path = teacher_for_run(config, task, ds_config)          # every rank; the first run fine-tunes
+    path = ensure_default_teacher(config, task, ds_config)   # the same, when the run needs a default teacher
 
 Fine-tuning is :func:`ad2_ds.distill.run_with_teacher` with no teacher, method ``finetune`` and the base model as
-the student, in this process, on the run's own DeepSpeed JSON without its monitors.
+the student, in this process, on the run's own DeepSpeed JSON without its monitors. Each base model has its own
+cache folder.
 """
 
 import os
 import shutil
+from typing import Optional
 
+from .base_teachers import DEFAULT_MODEL, MPNET_MODEL, base_teacher, check_base_teacher  # noqa: F401 (re-exported)
 from .config import AD2Config
 
-DEFAULT_MODEL = "all-MiniLM-L6-v2"
 MONITORS = ("csv_monitor", "tensorboard", "wandb", "comet")
 # The user's own data as the teacher is fine-tuned on it; not the test file (the student run scores the teacher on
 # it), so the cached teacher depends only on what trains and chooses it.
@@ -20,6 +24,18 @@ CUSTOM_DATA_FIELDS = (
     "train_file", "validation_file", "dataset_name", "dataset_config_name", "text_column", "label_column",
     "task_type", "metric",
 )  # fmt: skip
+
+
+def _needs_teacher(config) -> bool:
+    return config.objective.needs_teacher or not config.student
+
+
+def teacher_for_run(config, task, ds_config: dict) -> Optional[str]:
+    """The teacher the run loads: the one given ready, the default teacher (fine-tuned here on first use) when the
+    run needs one, else None."""
+    if base_teacher(config) is None:
+        return config.teacher
+    return ensure_default_teacher(config, task, ds_config) if _needs_teacher(config) else None
 
 
 def default_teacher_dir(config, task) -> str:
@@ -32,7 +48,7 @@ def default_teacher_dir(config, task) -> str:
     # trained on the first layout, whose train held today's test examples, is never reused
     layout = f"-split{SPLIT_VERSION}" if task.is_offline and not data.data_dir else ""
     key = (
-        f"{task.name}{layout}-{DEFAULT_MODEL}-n{data.max_train_samples}-len{data.max_seq_length}"
+        f"{task.name}{layout}-{base_teacher(config)}-n{data.max_train_samples}-len{data.max_seq_length}"
         f"-e{config.teacher_epochs}-s{config.teacher_seed}"
     )
     if data.test_from_train:  # the teacher never trains on the examples the student is tested on
@@ -66,7 +82,7 @@ def finetune_config(config, run_dir: str, ds_config: dict):
             test_from_train=data.test_from_train,
             **{f: getattr(data, f) for f in CUSTOM_DATA_FIELDS},
         ),
-        student=DEFAULT_MODEL,
+        student=base_teacher(config),
         objective=AD2Config(method="finetune"),
         output_dir=run_dir,
         num_train_epochs=config.teacher_epochs,
@@ -76,7 +92,7 @@ def finetune_config(config, run_dir: str, ds_config: dict):
 
 
 def ensure_default_teacher(config, task, ds_config: dict) -> str:
-    """The default teacher for ``task``: all-MiniLM-L6-v2 fine-tuned here once, then reused from the cache."""
+    """The default teacher for ``task``: :func:`base_teacher` fine-tuned here once, then reused from the cache."""
     import torch.distributed as dist
 
     from .distill import run_with_teacher
@@ -90,10 +106,8 @@ def ensure_default_teacher(config, task, ds_config: dict) -> str:
             return target
         run_dir = target + ".run"
         if dist.get_rank() == 0:
-            print(
-                f"teacher: fine-tuning {DEFAULT_MODEL} on {task.name} ({config.teacher_epochs} epochs) -> {target}",
-                flush=True,
-            )
+            base, epochs = base_teacher(config), config.teacher_epochs
+            print(f"teacher: fine-tuning {base} on {task.name} ({epochs} epochs) -> {target}", flush=True)
             shutil.rmtree(run_dir, ignore_errors=True)
         dist.barrier()
         run_with_teacher(finetune_config(config, run_dir, ds_config), None)

@@ -44,12 +44,11 @@ def run_distillation(config: RunConfig, callbacks: Sequence = ()) -> Optional[di
     step. Raises ValueError (ConfigError for a bad setting) before expensive work.
 
     1. check the config against the world, start the process group, read the data (bad data fails here);
-    2. the teacher: the one named, or the default teacher fine-tuned once on this data and kept in the cache;
+    2. the teacher: the one named, or a default teacher fine-tuned once on this data and kept in the cache;
     3. load the models, measure the teacher, build the engine and the teacher, train, save, score the test split."""
     prepared = prepare(config)
-    teacher_path = config.teacher
-    if teacher_path is None and (config.objective.needs_teacher or not config.student):
-        from .default_teacher import ensure_default_teacher
+    from .default_teacher import teacher_for_run
 
-        teacher_path = ensure_default_teacher(config, prepared.task, prepared.ds_config)
+    # the one given ready, or a packaged base (MiniLM without --teacher, or all-mpnet-base-v2) fine-tuned on first use
+    teacher_path = teacher_for_run(config, prepared.task, prepared.ds_config)
     return distill(config, prepared, teacher_path, callbacks)

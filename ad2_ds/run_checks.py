@@ -74,6 +74,9 @@ def check_run(config: RunConfig, world_size: int) -> dict:
             f"{out} already holds a run: set resume to continue it, overwrite_output_dir to replace it, "
             "or choose another output_dir",
         )
+    from .base_teachers import check_base_teacher
+
+    check_base_teacher(config)
     if config.resume:
         from .checkpoint import check_resumable
         from .trainer import CKPT_DIR

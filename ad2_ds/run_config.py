@@ -148,7 +148,9 @@ class RunConfig:
     )
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     teacher: Optional[str] = setting(
-        None, "fine-tuned teacher (path or hub name); default: all-MiniLM-L6-v2 fine-tuned here"
+        None,
+        "fine-tuned teacher (path or hub name), or all-mpnet-base-v2 to fine-tune that here; default: "
+        "all-MiniLM-L6-v2 fine-tuned here",
     )
     student: Optional[str] = setting(None, "student checkpoint (path or hub name); or use --student_layers")
     student_layers: str = setting("bottom:3", "student made from the teacher: skip|top|bottom:N")
