@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ... import dist
+from ...progress import progress_iter
 from ..base import Teacher, teacher_inputs
 from .fingerprint import canonical, fingerprint
 from .layout import FORMAT_VERSION, SHARD_FILES, STORAGE, build_lock, bytes_per_example, damaged_files
@@ -110,6 +111,7 @@ def build_teacher_cache(
     max_length: Optional[int] = None,
     max_bytes: Optional[int] = None,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> Path:
     """Run ``teacher`` once over ``dataloader`` (this rank's shard) and write its outputs to ``cache_dir``.
 
@@ -122,6 +124,7 @@ def build_teacher_cache(
         Only real tokens are stored.
     max_bytes: refuse to go on when the size estimated from the first batch (its mean length, all ranks) is larger.
     overwrite: rebuild even when a valid cache with the same fingerprint exists (otherwise it is reused as is).
+    progress: a "teacher cache" bar on the main process while the pass runs.
     Returns the cache dir.
     """
     cache_dir = Path(cache_dir)
@@ -160,7 +163,8 @@ def build_teacher_cache(
             raise ValueError("build_teacher_cache: cannot tell how many examples this rank sees; pass num_examples")
         writer: Optional[_ShardWriter] = None
         num_hidden_states = num_logits = hidden_size = store = None
-        for batch in dataloader:
+        total = _len_or_none(dataloader)
+        for batch in progress_iter(dataloader, "teacher cache", total, show=progress and dist.is_main_process()):
             if "idx" not in batch:
                 raise KeyError("build_teacher_cache: batches need an 'idx' (example id) entry")
             out = teacher(batch)
@@ -220,6 +224,13 @@ def build_teacher_cache(
             _write_index_and_meta(cache_dir, infos, fp, fingerprint_parts, layers, max_length)
         _barrier()
         return cache_dir
+
+
+def _len_or_none(items) -> Optional[int]:
+    try:
+        return len(items)
+    except TypeError:
+        return None
 
 
 def _real_lengths(mask: Optional[torch.Tensor], B: int, T: int) -> List[int]:
@@ -285,6 +296,8 @@ def build_cache_for_dataset(
     dtype: torch.dtype = torch.float16,
     batch_size: int = 64,
     group=None,
+    overwrite: bool = False,
+    progress: bool = False,
 ) -> None:
     """One teacher pass over a tokenized ``dataset`` into ``cache_dir``, every rank of ``group`` taking its shard.
 
@@ -311,4 +324,6 @@ def build_cache_for_dataset(
         hidden_layers=list(hidden_layers) if hidden_layers else None,
         dtype=dtype,
         num_examples=len(shard),
+        overwrite=overwrite,
+        progress=progress,
     )

@@ -9,7 +9,7 @@ The layout is described in :mod:`ad2_ds.teachers.cache`.
 import json
 import zlib
 from pathlib import Path
-from typing import Any, List, Mapping, Sequence, Union
+from typing import Any, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -18,12 +18,16 @@ from ..base import Teacher, TeacherOutput, teacher_inputs
 from .fingerprint import canonical, fingerprint
 from .layout import FORMAT_VERSION, STORAGE, STORAGE_BY_NAME, damaged_files
 
+API_REMEDY = "rebuild it with build_teacher_cache(..., overwrite=True) or delete it"
+
 
 class CachedTeacher(Teacher):
     """Teacher outputs read from a cache written by :func:`build_teacher_cache`, looked up by ``batch["idx"]``.
 
     expected_fingerprint: the fingerprint parts (dict) or its :func:`fingerprint` hex; a mismatch raises.
     require_hidden_layers: layers the objective needs; raises at construction when the cache lacks one.
+    verify: check every row's crc32 now (one read of the whole cache), so a damaged cache is refused before training
+    rather than at the row it reaches. remedy: what the error lines say to do (default: the Python API's way).
     Hidden states come back as a list over all hidden-state indices (None where not stored), each [B, T, H] with T
     the batch's (teacher) sequence length, zero past each example's real tokens (only those are stored), in ``dtype``.
     """
@@ -37,8 +41,11 @@ class CachedTeacher(Teacher):
         require_hidden_layers: Sequence[int] = (),
         dtype: torch.dtype = torch.float32,
         device=None,
+        verify: bool = False,
+        remedy: Optional[str] = None,
     ):
         self.cache_dir = Path(cache_dir)
+        self.remedy = remedy or API_REMEDY
         meta_path = self.cache_dir / "meta.json"
         if not meta_path.exists():
             raise FileNotFoundError(
@@ -48,7 +55,8 @@ class CachedTeacher(Teacher):
         meta = json.loads(meta_path.read_text())
         if meta.get("format") != FORMAT_VERSION:
             raise ValueError(
-                f"CachedTeacher: cache format {meta.get('format')} != {FORMAT_VERSION}; rebuild the cache"
+                f"CachedTeacher: cache format {meta.get('format')} != {FORMAT_VERSION} in {self.cache_dir}; "
+                f"{self.remedy}"
             )
         want = expected_fingerprint if isinstance(expected_fingerprint, str) else fingerprint(expected_fingerprint)
         if meta["fingerprint"] != want:
@@ -59,20 +67,17 @@ class CachedTeacher(Teacher):
                 detail = f" (differing: {keys})"
             raise ValueError(
                 f"CachedTeacher: stale cache in {self.cache_dir}: it was built for fingerprint "
-                f"{meta['fingerprint'][:12]}, this run expects {want[:12]}{detail}; "
-                "rebuild it with build_teacher_cache(..., overwrite=True)"
+                f"{meta['fingerprint'][:12]}, this run expects {want[:12]}{detail}; {self.remedy}"
             )
         missing = sorted(set(require_hidden_layers) - set(meta["hidden_layers"]))
         if missing:
             raise ValueError(
-                f"CachedTeacher: hidden layers {missing} are not in the cache (it has {meta['hidden_layers']})"
+                f"CachedTeacher: hidden layers {missing} are not in the cache {self.cache_dir} (it has "
+                f"{meta['hidden_layers']}); {self.remedy}"
             )
         damaged = damaged_files(self.cache_dir, meta)
         if damaged:
-            raise ValueError(
-                f"CachedTeacher: damaged cache in {self.cache_dir}: {damaged[0]}; rebuild it with "
-                "build_teacher_cache(..., overwrite=True) or delete it"
-            )
+            raise ValueError(f"CachedTeacher: damaged cache in {self.cache_dir}: {damaged[0]}; {self.remedy}")
         self.meta = meta
         self.dtype, self.device = dtype, device
         self.num_labels = meta["num_logits"]
@@ -97,6 +102,10 @@ class CachedTeacher(Teacher):
             else:
                 self._tokens.append(None)
                 self._hidden.append(None)
+        if verify:
+            for shard, n in enumerate(meta["shard_rows"]):
+                for row in range(n):
+                    self._row(shard, row)
 
     def _row(self, shard: int, row: int):
         """(logits [C], hidden [len, L, H] or None) of one stored row, after checking its crc32."""
@@ -110,7 +119,7 @@ class CachedTeacher(Teacher):
         if crc != int(self._crc[shard][row]):
             raise ValueError(
                 f"CachedTeacher: corrupted cache in {self.cache_dir}: shard {shard} row {row} fails its crc32 check; "
-                "rebuild it with build_teacher_cache(..., overwrite=True) or delete it"
+                f"{self.remedy}"
             )
         return logits, hidden
 
