@@ -20,9 +20,10 @@ regression; ``main_metric`` picks the one that selects checkpoints (default accu
 
 Every bad input raises :class:`DataError` (a ``ValueError``, which the recipes turn into one line and exit code 2)
 before any model is loaded, and nothing is written: a missing file, an unknown format, a missing or misspelt column
-(the message lists the file's columns), an empty split, a row without a label, labels in validation/test that the
-training data never shows, mixed label types in one column, a file that is not valid UTF-8, a hub that cannot be
-reached. Texts longer than a model takes are not an error: :func:`~ad2_ds.data.glue.tokenize_dataset` truncates and
+(the message lists the file's columns), an empty split, a row without a label, an empty text, labels in
+validation/test that the training data never shows, mixed label types in one column, a file that is not valid UTF-8,
+a csv row with the wrong number of fields or a JSON line that does not parse (the message names its line), a hub that
+cannot be reached. Texts longer than a model takes are not an error: :func:`~ad2_ds.data.glue.tokenize_dataset` truncates and
 counts them.
 """
 

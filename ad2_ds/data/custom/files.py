@@ -53,13 +53,20 @@ def read_file(path: PathLike, split: str) -> "datasets.Dataset":  # noqa: F821
         check_utf8(path)
     quiet = datasets.utils.are_progress_bars_disabled()
     datasets.disable_progress_bars()  # a user's file is read in a blink: no bars around a bad-data error line
+    ds_logger = logging.getLogger("datasets")
+    level = ds_logger.level
+    ds_logger.setLevel(logging.CRITICAL)  # its "Failed to read file ..." line: the one error below says it
     try:
         return datasets.load_dataset(builder, data_files={"train": str(path)}, split="train", **options)
     except Exception as e:  # pandas/pyarrow parse errors come in many types: one line naming the file for all
         if "corresponds to no data" in str(e):  # a header and no rows
             raise DataError(f"{path} has no examples: the {split} split is empty") from None
+        bad = first_bad_line(path)
+        if bad:
+            raise DataError(f"{path} {bad}") from None
         raise DataError(f"{path}: could not read it as {path.suffix[1:]}: {one_line(e)}") from e
     finally:
+        ds_logger.setLevel(level)
         if not quiet:
             datasets.enable_progress_bars()
 
@@ -116,3 +123,58 @@ def _unlabelled(ds, label: str) -> bool:
 def one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:300]}"
+
+
+def first_bad_line(path: PathLike) -> Optional[str]:
+    """Where a file that ``datasets`` could not read goes wrong, found with the csv / json modules: ``"line 7 has 3
+    fields, the header has 2: ..."``, or None when they find nothing wrong. Only called after a failed read."""
+    suffix = Path(path).suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        return _bad_csv_line(path, "\t" if suffix == ".tsv" else ",")
+    if suffix in (".json", ".jsonl"):
+        return _bad_json_line(path)
+    return None
+
+
+def _bad_csv_line(path: PathLike, delimiter: str) -> Optional[str]:
+    import csv
+
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        header = next(reader, None)
+        if not header:
+            return None
+        start = reader.line_num + 1
+        for row in reader:
+            if row and len(row) != len(header):  # blank lines are skipped, as pandas does
+                span = f" (to line {reader.line_num}: a quote that never closes?)" if reader.line_num > start else ""
+                sep = "a tab" if delimiter == "\t" else "a comma"
+                return (
+                    f"line {start} has {len(row)} fields, the header has {len(header)}{span}: quote a text that holds "
+                    f"{sep}, or fix that row"
+                )
+            start = reader.line_num + 1
+    return None
+
+
+def _bad_json_line(path: PathLike) -> Optional[str]:
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):  # one JSON document: its error knows the line
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            return f"line {e.lineno} is not valid JSON ({e.msg}, column {e.colno}): fix that line"
+        return None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {number} is not valid JSON ({e.msg}, column {e.colno}): one JSON object per line; fix it"
+        if not isinstance(record, dict):
+            return f"line {number} is a JSON {type(record).__name__}, not an object: one {{column: value}} per line"
+    return None

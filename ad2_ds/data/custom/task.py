@@ -223,7 +223,15 @@ def _sorted_labels(keys: Sequence[str]) -> Tuple[str, ...]:
 
 
 def _texts(where: str, values: list, column: str) -> List[str]:
-    empty = sum(v is None for v in values)
+    """The column as strings; an empty text (missing, "" or only spaces) is refused: the model would see only its
+    special tokens and learn the label from nothing (in dev/test: score a guess), and it is most often a slip of the
+    export (a shifted column, the wrong --text_column) that a warning lets pass unseen."""
+    texts = ["" if v is None else str(v) for v in values]
+    empty = [i for i, t in enumerate(texts) if not t.strip()]
     if empty:
-        logger.warning("%s: %d examples have an empty %r; read as empty texts", where, empty, column)
-    return ["" if v is None else str(v) for v in values]
+        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise DataError(
+            f"{where}: example {empty[0] + 1}{more} has an empty {column!r}: drop or fill those rows, or pass the "
+            "right --text_column"
+        )
+    return texts
