@@ -306,7 +306,7 @@ def build_cache_for_dataset(
     id: the order is free); in index order a batch pads to its longest of 64 random sentences, which on
     movie-polarity doubled the build time.
     """
-    from ..data.glue import example_lengths
+    from ...data.glue import example_lengths
 
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     n = len(dataset)
