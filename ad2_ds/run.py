@@ -66,7 +66,9 @@ class DataConfig:
         None, "your own data: default: float labels are a regression", choices=("classification", "regression")
     )
     metric: Optional[str] = setting(
-        None, "your own data: the metric that picks the best student; default: accuracy (spearmanr: regression)"
+        None,
+        "your own data: the metric that picks the best student, built-in or an evaluate module (a local "
+        "folder or .py, or a hub name); default: accuracy (spearmanr: regression)",
     )
     data_dir: Optional[str] = setting(
         None, "GLUE-format data dir; default: HF datasets for GLUE, the packaged suite offline"

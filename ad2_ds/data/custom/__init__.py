@@ -23,8 +23,8 @@ before any model is loaded, and nothing is written: a missing file, an unknown f
 (the message lists the file's columns), an empty split, a row without a label, an empty text, labels in
 validation/test that the training data never shows, mixed label types in one column, a file that is not valid UTF-8,
 a csv row with the wrong number of fields or a JSON line that does not parse (the message names its line), a hub that
-cannot be reached. Texts longer than a model takes are not an error: :func:`~ad2_ds.data.glue.tokenize_dataset` truncates and
-counts them.
+cannot be reached, a metric module that cannot be loaded. Texts longer than a model takes are not an error:
+:func:`~ad2_ds.data.glue.tokenize_dataset` truncates and counts them.
 """
 
 from .files import check_utf8, peek_columns, read_file, read_hub

@@ -33,6 +33,10 @@ def check_custom_files(data: CustomData) -> None:
     """The cheap checks, before anything is loaded: each file exists, is UTF-8 and has the text and label columns
     (read from its header: a csv/tsv's first line, a jsonl's first record, a parquet schema; a .json file is only
     checked when it is read). A hub dataset is checked when it is read. Raises :class:`DataError`."""
+    if data.main_metric and data.main_metric not in BUILTIN_METRICS:  # a metric module: loads, or one line now
+        from ad2_ds.metric_modules import load_metric_module
+
+        load_metric_module(data.main_metric)
     if data.dataset_name:
         return
     data = dataclasses.replace(data, check_files=True)  # missing files and unknown formats
@@ -99,7 +103,7 @@ def build_task(data: CustomData, splits: Dict[str, Tuple[str, "datasets.Dataset"
                 )
         targets = {split: [index[v] for v in values] for split, values in keys.items()}
 
-    spec = make_spec(data, text_cols, label_col, label_list, test="test" in splits)
+    spec = make_spec(data, text_cols, label_col, label_list, test="test" in splits, references=targets["dev"])
     features = task_features(spec)
     out = {}
     for split, (where, ds) in splits.items():
@@ -139,6 +143,9 @@ def resolve_columns(data: CustomData, where: str, columns: Sequence[str]) -> Tup
     return tuple(texts), label
 
 
+BUILTIN_METRICS = ("accuracy", "f1", "macro_f1", "matthews_correlation", "pearson", "spearmanr")
+
+
 def metrics_for(is_regression: bool, num_labels: int) -> Tuple[Tuple[str, ...], str]:
     """Metric names and the default main metric for a task type."""
     if is_regression:
@@ -148,10 +155,19 @@ def metrics_for(is_regression: bool, num_labels: int) -> Tuple[Tuple[str, ...], 
     return ("accuracy", "macro_f1"), "accuracy"
 
 
-def make_spec(data: CustomData, text_cols, label_col, label_list, test: bool) -> TaskSpec:
+def make_spec(data: CustomData, text_cols, label_col, label_list, test: bool, references=None) -> TaskSpec:
+    """The task's spec. ``data.main_metric`` is a built-in metric, or an ``evaluate`` module
+    (:mod:`ad2_ds.metric_modules`), tried once on ``references`` (the dev labels) to find the key of its score."""
     is_regression = label_list is None
     names, default = metrics_for(is_regression, 1 if is_regression else len(label_list))
-    main = data.main_metric or default
+    main, modules = data.main_metric or default, ()
+    if main not in names and main not in BUILTIN_METRICS and references is not None:
+        from ad2_ds.metric_modules import metric_key
+
+        spec, main = main, metric_key(main, references, is_regression)
+        if main in names:
+            raise DataError(f"--metric {spec}: its score {main!r} is a built-in metric's name: pass --metric {main}")
+        names, modules = (*names, main), ((main, spec),)
     if main not in names:
         raise DataError(f"--main_metric {main!r} is not computed for this task: choose one of {list(names)}")
     return TaskSpec(
@@ -165,6 +181,7 @@ def make_spec(data: CustomData, text_cols, label_col, label_list, test: bool) ->
         main_metric=main,
         dev_splits=("dev",),
         test_split="test" if test else None,
+        metric_modules=modules,
     )
 
 
