@@ -7,13 +7,23 @@ Two jobs started on one machine both take the launcher's default port 29500; the
 rendezvous store there and died with a ``DistNetworkError ... EADDRINUSE`` traceback. Rank 0 of this job (the one
 that opens the store) tries to bind the port first, as torch's store does (SO_REUSEADDR: a port left in TIME_WAIT
 by an earlier job is free, one that another job listens on is not). Under torchrun the agent holds the store
-(``TORCHELASTIC_USE_AGENT_STORE``): nothing to check here.
+(``TORCHELASTIC_USE_AGENT_STORE``): nothing to check here. A port this process's own earlier run opened (a sweep or
+the default teacher's fine-tune in the same process) is its own, not taken: torch reuses that server.
 """
 
 import contextlib
 import errno
 import os
 import socket
+
+_OWN_PORTS = set()  # ports this process's own stores hold: torch reuses its server when a later run here inits again
+
+
+def remember_own_port(env=None) -> None:
+    """Called once the process group is up: its port is this process's own from now on, not another job's."""
+    env = os.environ if env is None else env
+    if "MASTER_PORT" in env:
+        _OWN_PORTS.add(int(env["MASTER_PORT"]))
 
 
 class PortInUseError(ValueError):
@@ -41,6 +51,8 @@ def check_master_port(env=None) -> None:
     if env.get("RANK", "0") != "0" or env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" or "MASTER_PORT" not in env:
         return
     port = int(env["MASTER_PORT"])
+    if port in _OWN_PORTS:
+        return
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
