@@ -88,6 +88,7 @@ def finetune_config(config, run_dir: str, ds_config: dict):
         num_train_epochs=config.teacher_epochs,
         seed=config.teacher_seed,
         progress=config.progress,
+        progress_label="teacher fine-tune",
     )
 
 

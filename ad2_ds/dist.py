@@ -87,7 +87,13 @@ def init_distributed(backend: Optional[str] = None, shm_op: bool = False, timeou
         kwargs["timeout"] = timedelta(seconds=timeout_s)
     # Also when torch.distributed is already up (e.g. initialized by another library): DeepSpeed then only wraps the
     # existing default group in its comm backend, which its inference engine needs.
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **kwargs)
+    from .master_port import check_master_port, port_in_use_as_one_line, remember_own_port
+
+    if not tdist.is_initialized():
+        check_master_port()  # a port another job holds: one line, not torch's traceback
+    with port_in_use_as_one_line():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **kwargs)
+    remember_own_port()
 
 
 def get_rank(group=None) -> int:

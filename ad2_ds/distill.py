@@ -223,7 +223,7 @@ def cache_data(config, models: Models, train_ds, collator, teacher_path):
         "max_length": config.data.max_seq_length,
         "settings": config.teacher_settings(),
     }
-    return CacheData(train_ds, collator, parts)
+    return CacheData(train_ds, collator, parts, config.rebuild_teacher_cache, config.progress)
 
 
 def prepare_output_dir(config, rank, group) -> str:

@@ -11,7 +11,8 @@ Keys are the ones GLUE reports (values as fractions, not percent):
 ``main_metric_value(spec, scores)`` is the single number used to pick the best checkpoint (``spec.main_metric``).
 For a task with several dev splits (MNLI matched / mismatched) call ``compute_metrics`` once per split; the caller
 prefixes keys with the split name (``"dev_matched/accuracy"``), and the first of ``spec.dev_splits`` drives model
-selection. scikit-learn and scipy compute the numbers: ``evaluate``'s GLUE metric needs a hub download.
+selection. scikit-learn and scipy compute the numbers: ``evaluate``'s GLUE metric needs a hub download. A user's own
+metric (``--metric path/to/module`` for their own data) is an ``evaluate`` module (:mod:`ad2_ds.metric_modules`).
 """
 
 from typing import Dict, Mapping, Optional
@@ -60,8 +61,13 @@ def compute_metrics(spec: TaskSpec, predictions, labels) -> Dict[str, float]:
     if len(labels) == 0:
         raise ValueError("no examples to score")
     out: Dict[str, float] = {}
+    modules = dict(spec.metric_modules)
     for name in spec.metric_names:
-        if name == "accuracy":
+        if name in modules:  # the user's evaluate module (ad2_ds.metric_modules)
+            from ad2_ds.metric_modules import compute_with_module
+
+            out[name] = compute_with_module(modules[name], name, preds.tolist(), labels.tolist())
+        elif name == "accuracy":
             out[name] = float(accuracy_score(labels, preds))
         elif name == "f1":
             out[name] = float(f1_score(labels, preds, pos_label=1, average="binary", zero_division=0.0))

@@ -60,7 +60,9 @@ class DataConfig:
         None, "your own data: default: float labels are a regression", choices=("classification", "regression")
     )
     metric: Optional[str] = setting(
-        None, "your own data: the metric that picks the best student; default: accuracy (spearmanr: regression)"
+        None,
+        "your own data: the metric that picks the best student, built-in or an evaluate module (a local "
+        "folder or .py, or a hub name); default: accuracy (spearmanr: regression)",
     )
     data_dir: Optional[str] = setting(
         None, "GLUE-format data dir; default: HF datasets for GLUE, the packaged suite offline"
@@ -171,6 +173,9 @@ class RunConfig:
     )
     teacher_dtype: str = setting("fp32", choices=("fp32", "bf16", "fp16"))
     teacher_cache: Optional[str] = setting(None, "precompute teacher outputs once into DIR and read them")
+    rebuild_teacher_cache: bool = setting(
+        False, "build --teacher_cache anew even when one is there (stale or damaged)", teacher_outputs=False
+    )
     stream_teacher: bool = setting(
         True, "run the teacher inline instead of one batch ahead", negate=True, teacher_outputs=False
     )
@@ -187,6 +192,8 @@ class RunConfig:
     )
     trust_remote_code: bool = setting(False)
     progress: bool = setting(True, negate=True, teacher_outputs=False)
+    progress_label: str = setting("", "the progress bar's label; '': distill (fine-tune for method finetune)",
+                                  cli=False, teacher_outputs=False)  # fmt: skip
 
     def __post_init__(self):
         if isinstance(self.teacher_ranks, (list, str)):
@@ -213,6 +220,8 @@ class RunConfig:
                 raise ConfigError("teacher_cache", "and teacher_ranks exclude each other: pick one")
             if not cfg.needs_teacher:
                 raise ConfigError("teacher_ranks", f"method {cfg.method} uses no teacher; drop teacher_ranks")
+        if self.rebuild_teacher_cache and not self.teacher_cache:
+            raise ConfigError("rebuild_teacher_cache", "rebuilds the cache in --teacher_cache DIR: pass that too")
         if self.teacher_cache and cfg.needs_attentions:
             raise ConfigError(
                 "teacher_cache", "stores logits and hidden states, not attention maps: drop it or set w_attention to 0"
@@ -230,6 +239,7 @@ class RunConfig:
             group_by_length=self.group_by_length,
             stream_teacher=self.stream_teacher,
             progress=self.progress,
+            label=self.progress_label or ("fine-tune" if self.objective.method == "finetune" else "distill"),
         )
 
     def to_dict(self) -> dict:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from .checkpoint import TrainState, load_state, save_state, world
 from .data.glue import example_lengths
+from .progress import ProgressBar, progress_iter  # noqa: F401  (ProgressBar: re-exported, its home was here)
 from .teachers.base import Teacher
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class TrainConfig:
     stream_teacher: bool = True  # teacher runs one batch ahead in a background thread
     log_steps: int = 10
     progress: bool = True
+    label: str = "distill"  # the progress bar's (ad2_ds.progress): what this run does
     max_nonfinite_steps: int = 10  # consecutive inf/NaN micro-batches (skipped) before the run stops
 
     def __post_init__(self):
@@ -145,12 +147,12 @@ def _length_grouped(lengths: Sequence[int], global_bs: int, g: torch.Generator, 
 
 
 @torch.no_grad()
-def predict(model, dataset, collator, batch_size: int, device=None, group=None) -> np.ndarray:
+def predict(model, dataset, collator, batch_size: int, device=None, group=None, progress=False) -> np.ndarray:
     """Predictions (logits, [N, C]) of ``model`` on ``dataset``, split across ranks, every example exactly once.
 
     Rank r predicts positions r, r + W, ...; every rank runs the same number of forwards (an empty shard's last batch
     re-runs position 0 and is discarded) so ZeRO-3's collective weight gathering stays in step. ``group``: the ranks
-    that share the work (None: all).
+    that share the work (None: all). progress: an ``eval`` bar over this rank's batches.
     """
     rank, world_size = world(group)
     n = len(dataset)
@@ -162,7 +164,7 @@ def predict(model, dataset, collator, batch_size: int, device=None, group=None) 
     was_training = model.training
     model.eval()
     positions, outputs = [], []
-    for b in range(n_batches):
+    for b in progress_iter(range(n_batches), "eval", show=progress):
         ids = shard[b * batch_size : (b + 1) * batch_size]
         batch = collator([dataset[i] for i in (ids or [0])])
         inputs = {k: v.to(device) if device else v for k, v in model_inputs(batch, accepted).items()}
@@ -187,14 +189,14 @@ def predict(model, dataset, collator, batch_size: int, device=None, group=None) 
 
 
 def evaluate(
-    model, dev_sets: Mapping[str, object], collator, task, batch_size: int, device=None, group=None
+    model, dev_sets: Mapping[str, object], collator, task, batch_size: int, device=None, group=None, progress=False
 ) -> Dict[str, float]:
     """Task metrics on every dev split; keys are ``accuracy`` etc., prefixed ``dev_mismatched/`` for extra splits."""
     from .metrics import compute_metrics
 
     scores = {}
     for i, (split, ds) in enumerate(dev_sets.items()):
-        preds = predict(model, ds, collator, batch_size, device, group)
+        preds = predict(model, ds, collator, batch_size, device, group, progress)
         metrics = compute_metrics(task, preds, np.asarray(ds["label"]))
         scores.update({(k if i == 0 else f"{split}/{k}"): v for k, v in metrics.items()})
     return scores
@@ -239,32 +241,6 @@ class Callbacks(Callback):
     def on_train_end(self, state):
         for c in self.callbacks:
             c.on_train_end(state)
-
-
-class ProgressBar(Callback):
-    """A tqdm bar over the run's micro-steps, with the loss terms and samples/s every ``log_steps``."""
-
-    def __init__(self, log_steps: int, t_start: float, initial: int):
-        self.log_steps, self.t_start, self.initial, self.bar = log_steps, t_start, initial, None
-
-    def on_train_start(self, state, total_micro_steps):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(
-            total=total_micro_steps, initial=self.initial, desc="distill", unit="batch", dynamic_ncols=True
-        )
-
-    def on_micro_step(self, state, losses):
-        self.bar.update(1)
-        if state.micro_step_in_epoch % self.log_steps == 0:
-            elapsed = time.perf_counter() - self.t_start
-            self.bar.set_postfix(
-                {k: f"{v.item():.4f}" for k, v in losses.items() if "/" not in k}
-                | {"samples/s": f"{state.samples / max(elapsed, 1e-9):.1f}"}
-            )
-
-    def on_train_end(self, state):
-        self.bar.close()
 
 
 class MonitorLog(Callback):
@@ -330,12 +306,15 @@ def train(
     t_start = time.perf_counter() - state.train_seconds
     hooks = Callbacks([MonitorLog(engine), *callbacks])
     if cfg.progress and rank == 0:
-        hooks.callbacks.append(ProgressBar(cfg.log_steps, t_start, state.epoch * n_micro + state.micro_step_in_epoch))
+        initial = state.epoch * n_micro + state.micro_step_in_epoch
+        hooks.callbacks.append(ProgressBar(cfg.label, cfg.log_steps, t_start, initial))
     guard = NonFiniteGuard(cfg.max_nonfinite_steps)
 
     def evaluate_and_save():
         state.train_seconds = time.perf_counter() - t_start
-        record = _evaluate(engine, state, dev_sets, collator, task, micro_bs, group, on_best)
+        record = _evaluate(
+            engine, state, dev_sets, collator, task, micro_bs, group, on_best, cfg.progress and rank == 0
+        )
         hooks.on_eval(state, record)
         if on_eval:
             on_eval(record)
@@ -383,13 +362,13 @@ def _advance(state: TrainState, engine, batch, world_size: int, waited: float) -
     return stepped
 
 
-def _evaluate(engine, state, dev_sets, collator, task, batch_size, group, on_best) -> dict:
+def _evaluate(engine, state, dev_sets, collator, task, batch_size, group, on_best, progress=False) -> dict:
     """Score the student on the dev sets, record it in the history, keep (and save) the best."""
     from .metrics import main_metric_value
 
     student = engine.module.student
     device = next(student.parameters()).device
-    scores = evaluate(student, dev_sets, collator, task, batch_size, device, group)
+    scores = evaluate(student, dev_sets, collator, task, batch_size, device, group, progress)
     record = {"step": engine.global_steps, "epoch": state.epoch, **scores}
     state.history.append(record)
     value = main_metric_value(task, scores)

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
         return 2
     args = p.parse_args(argv)
     args.method = "finetune"
-    return run_cli(lambda: config_from_args(args, student=args.model))
+    return run_cli(lambda: config_from_args(args, student=args.model, progress_label="teacher fine-tune"))
 
 
 if __name__ == "__main__":

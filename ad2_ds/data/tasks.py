@@ -69,6 +69,7 @@ class TaskSpec:
     hf_name: Optional[str] = None
     test_split: Optional[str] = None
     aliases: Tuple[str, ...] = field(default=(), compare=False)
+    metric_modules: Tuple[Tuple[str, str], ...] = ()  # (metric name, evaluate module): ad2_ds.metric_modules
 
     def __post_init__(self):
         n_tsv = len(self.tsv.text_columns) if self.tsv is not None else len(self.text_columns)

@@ -75,6 +75,8 @@ class CacheData:
     dataset: Any
     collator: Any
     parts: Mapping[str, Any]
+    rebuild: bool = False  # build it anew even when a cache is there (stale, damaged or valid)
+    progress: bool = False  # a "teacher cache" bar on rank 0 while it is built
 
 
 def live_teacher(
@@ -139,17 +141,18 @@ def build_teacher(
 
 
 def open_or_build_cache(live: Teacher, needs: TeacherNeeds, placement: TeacherPlacement, data: CacheData) -> Teacher:
-    """Reuse a cache whose fingerprint matches (no teacher pass); build it when there is none; never silently
-    rebuild a stale one."""
+    """Reuse a cache whose fingerprint matches (no teacher pass; every row's crc32 checked first); build it when there
+    is none, or anew with ``data.rebuild``; never silently rebuild a stale or damaged one: the error says how."""
     from .cache import CachedTeacher, build_cache_for_dataset, build_lock
 
     cache_dir, need = placement.cache_dir, needs.hidden_layers or ()
+    remedy = cache_remedy(cache_dir)
     with build_lock(cache_dir):  # a run building it: wait, then reuse (checked under the lock: never a stale rebuild)
-        if os.path.isfile(os.path.join(cache_dir, "meta.json")):
+        if not data.rebuild and os.path.isfile(os.path.join(cache_dir, "meta.json")):
             try:
-                return CachedTeacher(cache_dir, data.parts, require_hidden_layers=need)
-            except ValueError as e:  # stale, or built without the layers this run needs
-                raise ConfigError("teacher_cache", f"{cache_dir}: {e}; pass another directory or delete it") from None
+                return CachedTeacher(cache_dir, data.parts, require_hidden_layers=need, verify=True, remedy=remedy)
+            except ValueError as e:  # stale, damaged, or built without the layers this run needs
+                raise ConfigError("teacher_cache", str(e).removeprefix("CachedTeacher: ")) from None
         build_cache_for_dataset(
             live,
             data.dataset,
@@ -158,8 +161,15 @@ def open_or_build_cache(live: Teacher, needs: TeacherNeeds, placement: TeacherPl
             data.parts,
             hidden_layers=need,
             dtype=torch.bfloat16 if placement.dtype == "bf16" else torch.float16,
+            overwrite=data.rebuild,
+            progress=data.progress,
         )
-    return CachedTeacher(cache_dir, data.parts, require_hidden_layers=need)
+    return CachedTeacher(cache_dir, data.parts, require_hidden_layers=need, remedy=remedy)
+
+
+def cache_remedy(cache_dir) -> str:
+    """The command line's way out of a stale or damaged cache, for its one error line."""
+    return f"rerun with --rebuild_teacher_cache to build it anew, or delete {cache_dir}"
 
 
 def serve_hosted_teacher(

@@ -1,30 +1,13 @@
-"""Precomputed teacher outputs on disk: one pass of any teacher over the training set, then a memory-mapped lookup::
+"""Writing a teacher cache: one pass of a teacher over the training data into ``cache_dir``.
 
-    fp = {"teacher": fingerprint(teacher_model), "vocab": fingerprint(tokenizer.get_vocab()),
-          "data": data_hash, "max_length": 128}
     build_teacher_cache(teacher, train_loader, "cache/sst2", fp, hidden_layers=[4, 8, 12], dtype=torch.float16)
-    teacher = CachedTeacher("cache/sst2", fp)          # refuses a cache built with another fingerprint
-    out = teacher(batch)                               # looked up by batch["idx"]
+    build_cache_for_dataset(live, tokenized_train, collator, "cache/sst2", fp, hidden_layers=[4, 8, 12])
 
-Layout of ``cache_dir`` (each rank writes the examples it saw, keyed by the example id ``idx``)::
-
-    shard-00000.idx.bin      int64 [n]                       example id of each row
-    shard-00000.logits.bin   float32 [n, C]                  logits are small: kept in fp32
-    shard-00000.tokens.bin   int64 [n + 1]                   row r's tokens are hidden[tokens[r]:tokens[r + 1]]
-    shard-00000.hidden.bin   fp32/fp16/bf16 (as int16) [sum of lengths, L, H]   only real tokens (no padding)
-    shard-00000.crc.bin      uint32 [n]                      crc32 of row r's logits and hidden bytes
-    index.npy                int64 [N, 3]                    (idx, shard, row), sorted by idx
-    meta.json                shapes, dtype, layers, the fingerprint, every file's size; written last
-
-Hidden states keep only each example's real tokens (its teacher attention mask; batches are right-padded), so a row
-costs its own length, not the longest in its batch nor max_length; they are stored in the teacher's precision unless
-``dtype`` asks for another. Every file is written to a temporary name and renamed; a cache is valid only once
-``meta.json`` exists. Opening a cache checks every file's size against meta.json (a truncated shard is refused with
-one line); reading a row checks its crc32 (a corrupted row is refused with one line, never returned as garbage).
-``meta.json`` reports ``bytes_per_example``.
+Each rank writes the examples it saw into its own shard files (under temporary names, renamed when done); rank 0
+then writes ``index.npy`` and, last, ``meta.json``: a cache is valid only once that exists. The layout is described in
+:mod:`ad2_ds.teachers.cache`.
 """
 
-import hashlib
 import json
 import os
 import tempfile
@@ -35,70 +18,11 @@ from typing import Any, Iterable, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .. import dist
-from ..utils import exclusive
-from .base import Teacher, TeacherOutput, teacher_inputs
-
-FORMAT_VERSION = 2  # 2: real tokens only, per-row crc32, file sizes in meta.json
-_STORAGE = {
-    torch.float32: ("float32", np.float32),
-    torch.float16: ("float16", np.float16),
-    torch.bfloat16: ("bfloat16", np.int16),  # numpy has no bfloat16: stored as its bits
-}
-_FROM_NAME = {name: dt for dt, (name, _) in _STORAGE.items()}
-SHARD_FILES = ("idx", "logits", "crc", "tokens", "hidden")
-LOCK_FILE = ".lock"  # held while a job builds the cache (:func:`build_lock`)
-
-
-def build_lock(cache_dir):
-    """Held while a job checks and builds the cache in ``cache_dir``: another job building the same cache waits, then
-    reuses it (:func:`ad2_ds.utils.exclusive`: re-entrant, so a caller may hold it around the build). Collective."""
-    return exclusive(os.path.join(cache_dir, LOCK_FILE), "teacher cache")
-
-
-def state_dict_hash(model_or_state: Union[torch.nn.Module, Mapping[str, torch.Tensor]]) -> str:
-    """sha256 over a state_dict's names, dtypes, shapes and bytes (in name order)."""
-    state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name]
-        h.update(name.encode())
-        h.update(_tensor_digest(t).encode())
-    return h.hexdigest()
-
-
-def _tensor_digest(t: torch.Tensor) -> str:
-    t = t.detach().cpu().contiguous()
-    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _canonical(obj: Any) -> Any:
-    if isinstance(obj, torch.nn.Module):
-        return {"state_dict_sha256": state_dict_hash(obj)}
-    if torch.is_tensor(obj):
-        return {"tensor_sha256": _tensor_digest(obj)}
-    if isinstance(obj, Mapping):
-        return {str(k): _canonical(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_canonical(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, torch.dtype):
-        return str(obj)
-    if obj is None or isinstance(obj, (str, int, float, bool)):
-        return obj
-    raise TypeError(f"fingerprint: cannot hash a {type(obj).__name__}; pass str/int/float/dicts/lists/tensors/modules")
-
-
-def fingerprint(obj: Any) -> str:
-    """A stable sha256 of a JSON-like value; modules hash their state_dict, tensors their bytes.
-
-    ``fingerprint(model)`` hashes weights, ``fingerprint(tokenizer.get_vocab())`` a vocab, and
-    ``fingerprint({"teacher": ..., "vocab": ..., "data": ..., "max_length": 128})`` the whole cache key.
-    """
-    return hashlib.sha256(json.dumps(_canonical(obj), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+from ... import dist
+from ...progress import progress_iter
+from ..base import Teacher, teacher_inputs
+from .fingerprint import canonical, fingerprint
+from .layout import FORMAT_VERSION, SHARD_FILES, STORAGE, build_lock, bytes_per_example, damaged_files
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -173,22 +97,6 @@ def _num_examples_of(dataloader) -> Optional[int]:
     return None
 
 
-def estimate_hidden_bytes(num_examples: int, max_length: int, hidden_size: int, num_layers: int, itemsize=2) -> int:
-    """bytes = N x T x H x layers x itemsize; with T the mean number of real tokens per example (the cache stores no
-    padding), or max_length for an upper bound."""
-    return int(num_examples) * int(max_length) * int(hidden_size) * int(num_layers) * int(itemsize)
-
-
-def bytes_per_example(num_logits: int, mean_tokens: float = 0.0, num_layers: int = 0, hidden_size: int = 0,
-                      itemsize: int = 2) -> float:  # fmt: skip
-    """On-disk bytes of one cached example: id (8) + crc (4) + fp32 logits, and with hidden states a token offset (8)
-    and mean_tokens x layers x hidden_size x itemsize."""
-    fixed = 8 + 4 + 4 * num_logits
-    if num_layers:
-        fixed += 8 + mean_tokens * num_layers * hidden_size * itemsize
-    return float(fixed)
-
-
 # The pass leaves torch's CPU random state as it found it: a DataLoader draws its base seed from it when it starts, so
 # a run that builds the cache would otherwise train its student on other dropout masks than the same run reading it.
 @torch.random.fork_rng(devices=[])
@@ -203,6 +111,7 @@ def build_teacher_cache(
     max_length: Optional[int] = None,
     max_bytes: Optional[int] = None,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> Path:
     """Run ``teacher`` once over ``dataloader`` (this rank's shard) and write its outputs to ``cache_dir``.
 
@@ -215,10 +124,11 @@ def build_teacher_cache(
         Only real tokens are stored.
     max_bytes: refuse to go on when the size estimated from the first batch (its mean length, all ranks) is larger.
     overwrite: rebuild even when a valid cache with the same fingerprint exists (otherwise it is reused as is).
+    progress: a "teacher cache" bar on the main process while the pass runs.
     Returns the cache dir.
     """
     cache_dir = Path(cache_dir)
-    if dtype is not None and dtype not in _STORAGE:
+    if dtype is not None and dtype not in STORAGE:
         raise ValueError(f"build_teacher_cache: dtype must be torch.float32, float16 or bfloat16, got {dtype}")
     layers = sorted(set(int(i) for i in hidden_layers or ()))
     if layers and not getattr(teacher, "output_hidden_states", False):
@@ -236,9 +146,9 @@ def build_teacher_cache(
         if not overwrite and meta_path.exists():
             meta = json.loads(meta_path.read_text())
             same = (meta.get("format"), meta.get("fingerprint"), meta.get("hidden_layers"), meta.get("max_length"))
-            want_dtype = dtype is None or meta.get("dtype") in (None, _STORAGE[dtype][0])
+            want_dtype = dtype is None or meta.get("dtype") in (None, STORAGE[dtype][0])
             if same == (FORMAT_VERSION, fp, layers, int(max_length) if layers else None) and want_dtype:
-                damaged = _damaged_files(cache_dir, meta)
+                damaged = damaged_files(cache_dir, meta)
                 if not damaged:
                     return cache_dir
                 if dist.is_main_process():
@@ -253,7 +163,8 @@ def build_teacher_cache(
             raise ValueError("build_teacher_cache: cannot tell how many examples this rank sees; pass num_examples")
         writer: Optional[_ShardWriter] = None
         num_hidden_states = num_logits = hidden_size = store = None
-        for batch in dataloader:
+        total = _len_or_none(dataloader)
+        for batch in progress_iter(dataloader, "teacher cache", total, show=progress and dist.is_main_process()):
             if "idx" not in batch:
                 raise KeyError("build_teacher_cache: batches need an 'idx' (example id) entry")
             out = teacher(batch)
@@ -269,7 +180,7 @@ def build_teacher_cache(
                     raise ValueError(f"build_teacher_cache: a batch has sequence length {T} > max_length={max_length}")
                 if store is None:
                     store = dtype if dtype is not None else hs[layers[0]].dtype
-                if store not in _STORAGE:
+                if store not in STORAGE:
                     raise ValueError(f"build_teacher_cache: cannot store hidden states of dtype {store}")
                 lengths = _real_lengths(teacher_inputs(batch).get("attention_mask"), B, T)
                 stacked = torch.stack([hs[i].detach().to("cpu", store) for i in layers], dim=2)  # [B, T, L, H]
@@ -280,7 +191,7 @@ def build_teacher_cache(
             if writer is None:
                 num_logits = logits.shape[1]
                 total = capacity * world
-                itemsize = _STORAGE[store][1]().itemsize if layers else 0
+                itemsize = STORAGE[store][1]().itemsize if layers else 0
                 mean_tokens = float(np.mean([r.shape[0] for r in rows])) if layers and rows else 0.0
                 per_example = bytes_per_example(num_logits, mean_tokens, len(layers), hidden_size or 0, itemsize)
                 est = int(per_example * total)
@@ -303,7 +214,7 @@ def build_teacher_cache(
             "num_logits": num_logits,
             "num_hidden_states": num_hidden_states,
             "hidden_size": hidden_size,
-            "dtype": _STORAGE[store][0] if store is not None else None,
+            "dtype": STORAGE[store][0] if store is not None else None,
         }
         infos = [info]
         if world > 1:
@@ -313,6 +224,13 @@ def build_teacher_cache(
             _write_index_and_meta(cache_dir, infos, fp, fingerprint_parts, layers, max_length)
         _barrier()
         return cache_dir
+
+
+def _len_or_none(items) -> Optional[int]:
+    try:
+        return len(items)
+    except TypeError:
+        return None
 
 
 def _real_lengths(mask: Optional[torch.Tensor], B: int, T: int) -> List[int]:
@@ -326,18 +244,6 @@ def _real_lengths(mask: Optional[torch.Tensor], B: int, T: int) -> List[int]:
         raise ValueError("build_teacher_cache: the teacher's attention mask is not right-padded; the cache stores "
                          "each row's first mask.sum() tokens")  # fmt: skip
     return lengths.tolist()
-
-
-def _damaged_files(cache_dir: Path, meta: Mapping[str, Any]) -> List[str]:
-    """One line per shard file whose size differs from what meta.json recorded (truncated, grown or missing)."""
-    out = []
-    for name, size in sorted(meta.get("files", {}).items()):
-        path = cache_dir / name
-        have = path.stat().st_size if path.exists() else None
-        if have != size:
-            state = "is missing" if have is None else f"has {have} bytes, not the {size} it was written with"
-            out.append(f"{name} {state} (truncated or replaced)")
-    return out
 
 
 def _write_index_and_meta(cache_dir, infos, fp, fingerprint_parts, layers, max_length) -> None:
@@ -365,7 +271,7 @@ def _write_index_and_meta(cache_dir, infos, fp, fingerprint_parts, layers, max_l
     meta = {
         "format": FORMAT_VERSION,
         "fingerprint": fp,
-        "fingerprint_parts": json.loads(json.dumps(_canonical(fingerprint_parts))),
+        "fingerprint_parts": json.loads(json.dumps(canonical(fingerprint_parts))),
         "num_examples": int(len(index)),
         "shard_rows": [int(i["rows"]) for i in infos],
         "num_logits": first.get("num_logits"),
@@ -380,139 +286,6 @@ def _write_index_and_meta(cache_dir, infos, fp, fingerprint_parts, layers, max_l
     _atomic_write_bytes(cache_dir / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode())
 
 
-class CachedTeacher(Teacher):
-    """Teacher outputs read from a cache written by :func:`build_teacher_cache`, looked up by ``batch["idx"]``.
-
-    expected_fingerprint: the fingerprint parts (dict) or its :func:`fingerprint` hex; a mismatch raises.
-    require_hidden_layers: layers the objective needs; raises at construction when the cache lacks one.
-    Hidden states come back as a list over all hidden-state indices (None where not stored), each [B, T, H] with T
-    the batch's (teacher) sequence length, zero past each example's real tokens (only those are stored), in ``dtype``.
-    """
-
-    output_attentions = False
-
-    def __init__(
-        self,
-        cache_dir: Union[str, Path],
-        expected_fingerprint: Union[str, Mapping[str, Any]],
-        require_hidden_layers: Sequence[int] = (),
-        dtype: torch.dtype = torch.float32,
-        device=None,
-    ):
-        self.cache_dir = Path(cache_dir)
-        meta_path = self.cache_dir / "meta.json"
-        if not meta_path.exists():
-            raise FileNotFoundError(
-                f"CachedTeacher: {meta_path} does not exist: no complete cache in {self.cache_dir} (a build that did "
-                "not finish leaves none); run build_teacher_cache first"
-            )
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT_VERSION:
-            raise ValueError(
-                f"CachedTeacher: cache format {meta.get('format')} != {FORMAT_VERSION}; rebuild the cache"
-            )
-        want = expected_fingerprint if isinstance(expected_fingerprint, str) else fingerprint(expected_fingerprint)
-        if meta["fingerprint"] != want:
-            detail = ""
-            if not isinstance(expected_fingerprint, str):
-                stored, expected = meta.get("fingerprint_parts", {}), _canonical(expected_fingerprint)
-                keys = sorted(k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k))
-                detail = f" (differing: {keys})"
-            raise ValueError(
-                f"CachedTeacher: stale cache in {self.cache_dir}: it was built for fingerprint "
-                f"{meta['fingerprint'][:12]}, this run expects {want[:12]}{detail}; "
-                "rebuild it with build_teacher_cache(..., overwrite=True)"
-            )
-        missing = sorted(set(require_hidden_layers) - set(meta["hidden_layers"]))
-        if missing:
-            raise ValueError(
-                f"CachedTeacher: hidden layers {missing} are not in the cache (it has {meta['hidden_layers']})"
-            )
-        damaged = _damaged_files(self.cache_dir, meta)
-        if damaged:
-            raise ValueError(
-                f"CachedTeacher: damaged cache in {self.cache_dir}: {damaged[0]}; rebuild it with "
-                "build_teacher_cache(..., overwrite=True) or delete it"
-            )
-        self.meta = meta
-        self.dtype, self.device = dtype, device
-        self.num_labels = meta["num_logits"]
-        self.layers: List[int] = meta["hidden_layers"]
-        self.output_hidden_states = bool(self.layers)
-        self.index = np.load(self.cache_dir / "index.npy", mmap_mode="r")
-        self._store_dtype = _FROM_NAME[meta["dtype"]] if self.layers else None
-        self._logits, self._crc, self._tokens, self._hidden = [], [], [], []
-        for shard, n in enumerate(meta["shard_rows"]):
-            path = self.cache_dir / f"shard-{shard:05d}"
-            if n == 0:
-                for part in (self._logits, self._crc, self._tokens, self._hidden):
-                    part.append(None)
-                continue
-            self._logits.append(np.memmap(f"{path}.logits.bin", np.float32, "r", shape=(n, meta["num_logits"])))
-            self._crc.append(np.memmap(f"{path}.crc.bin", np.uint32, "r", shape=(n,)))
-            if self.layers:
-                tokens = np.fromfile(f"{path}.tokens.bin", np.int64)
-                shape = (int(tokens[-1]), len(self.layers), meta["hidden_size"])
-                self._tokens.append(tokens)
-                self._hidden.append(np.memmap(f"{path}.hidden.bin", _STORAGE[self._store_dtype][1], "r", shape=shape))
-            else:
-                self._tokens.append(None)
-                self._hidden.append(None)
-
-    def _row(self, shard: int, row: int):
-        """(logits [C], hidden [len, L, H] or None) of one stored row, after checking its crc32."""
-        logits = np.asarray(self._logits[shard][row])
-        crc = zlib.crc32(logits.tobytes())
-        hidden = None
-        if self.layers:
-            tokens = self._tokens[shard]
-            hidden = np.asarray(self._hidden[shard][tokens[row] : tokens[row + 1]])
-            crc = zlib.crc32(hidden.tobytes(), crc)
-        if crc != int(self._crc[shard][row]):
-            raise ValueError(
-                f"CachedTeacher: corrupted cache in {self.cache_dir}: shard {shard} row {row} fails its crc32 check; "
-                "rebuild it with build_teacher_cache(..., overwrite=True) or delete it"
-            )
-        return logits, hidden
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def _locate(self, idx: np.ndarray) -> np.ndarray:
-        pos = np.searchsorted(self.index[:, 0], idx)
-        pos_c = np.minimum(pos, len(self.index) - 1)
-        found = (pos < len(self.index)) & (np.asarray(self.index[pos_c, 0]) == idx) if len(self.index) else pos < 0
-        if not found.all():
-            raise KeyError(
-                f"CachedTeacher: example ids {idx[~found][:10].tolist()} are not in the cache {self.cache_dir} "
-                f"({len(self.index)} examples); was it built on this data and split?"
-            )
-        return np.asarray(self.index[pos_c])
-
-    def __call__(self, batch: Mapping[str, torch.Tensor]) -> TeacherOutput:
-        if "idx" not in batch:
-            raise KeyError("CachedTeacher: the batch has no 'idx' (example id) entry")
-        idx = batch["idx"].detach().cpu().numpy().astype(np.int64).reshape(-1)
-        loc = self._locate(idx)
-        rows = [self._row(int(sh), int(r)) for _, sh, r in loc]
-        out_logits = torch.from_numpy(np.stack([lg for lg, _ in rows])).float()
-        hidden = None
-        if self.layers:
-            T = teacher_inputs(batch)["input_ids"].shape[1]
-            H = self.meta["hidden_size"]
-            h = torch.zeros(len(rows), T, len(self.layers), H, dtype=self._store_dtype)  # past a row's tokens: 0
-            for b, (_, row) in enumerate(rows):
-                n = min(T, row.shape[0])
-                stored = torch.from_numpy(row[:n].copy())
-                h[b, :n] = stored.view(torch.bfloat16) if self._store_dtype == torch.bfloat16 else stored
-            h = h.to(self.dtype)
-            hidden = [None] * self.meta["num_hidden_states"]
-            for j, i in enumerate(self.layers):
-                hidden[i] = h[:, :, j]
-        out = TeacherOutput(logits=out_logits, hidden_states=hidden)
-        return out.to(self.device) if self.device is not None else out
-
-
 def build_cache_for_dataset(
     live: Teacher,
     dataset,
@@ -523,6 +296,8 @@ def build_cache_for_dataset(
     dtype: torch.dtype = torch.float16,
     batch_size: int = 64,
     group=None,
+    overwrite: bool = False,
+    progress: bool = False,
 ) -> None:
     """One teacher pass over a tokenized ``dataset`` into ``cache_dir``, every rank of ``group`` taking its shard.
 
@@ -531,7 +306,7 @@ def build_cache_for_dataset(
     id: the order is free); in index order a batch pads to its longest of 64 random sentences, which on
     movie-polarity doubled the build time.
     """
-    from ..data.glue import example_lengths
+    from ...data.glue import example_lengths
 
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     n = len(dataset)
@@ -549,4 +324,6 @@ def build_cache_for_dataset(
         hidden_layers=list(hidden_layers) if hidden_layers else None,
         dtype=dtype,
         num_examples=len(shard),
+        overwrite=overwrite,
+        progress=progress,
     )
