@@ -17,7 +17,8 @@ the caller's backward through clean and adversarial graphs 4. AD2 with K=1: ≈ 
 Under ZeRO-3 the first gradient needs its own forward (see ``zero3_partitioned``): ≈ 8 units.
 SMART (``perturbation="smart"``) starts from noise, so every one of its K steps costs ≈ 2: ≈ 8 units with K=1.
 Controls: ε = 0 skips the ascent (δ = 0, KD on a second dropout draw): ≈ 6 units; ``random_direction`` runs the
-ascent it randomises: the cost of the adversarial run.
+ascent it randomises: the cost of the adversarial run. MixKD's term (``mixup_alpha`` > 0, :mod:`ad2_ds.mixup`) adds a
+student forward on the mixed batch and its backward (3 units) and a teacher forward on it.
 
 The fast first step (``fast_pga``) takes the gradient from the clean forward's graph, i.e. under the clean forward's
 dropout masks: it is exact for the clean forward's dropout sample, where a separate ascent forward in train mode would
@@ -42,6 +43,7 @@ from .modeling import (
     unwrap_model,
     use_predropout_attention,
 )
+from .mixup import mixup_loss
 from .patches import engine_pre_forward
 from .perturb import per_example_norm, pga_perturbation, random_signs, smart_perturbation, unit_norm
 from .teachers.base import TEACHER_PREFIX, TeacherOutput
@@ -72,6 +74,7 @@ class AD2Objective(nn.Module):
         self._hidden_s = inner.config.hidden_size
         self._n_labels_s = inner.config.num_labels
         self.last_delta: Optional[torch.Tensor] = None
+        self.mix_teacher = None  # labels MixKD's mixed points (ad2_ds.mixup.MixTeacher); never a registered module
         self._warned = False
         cfg = self.config
         pga = cfg.adversarial and cfg.perturbation == "pga"
@@ -298,6 +301,9 @@ class AD2Objective(nn.Module):
                 total = total + self._add_deep(losses, self._deep_terms(out_adv, t, mask, True), cfg.alpha)
             losses.update(self._delta_stats(delta, mask))
             self._warn_if_vanished(losses["delta_applied"], out_adv.logits.dtype)
+        if cfg.mixup:  # after the ascent: the mixed forward overwrites the tap's clean reference
+            losses["mix"] = mixup_loss(self, batch, inputs)
+            total = total + cfg.mixup_weight * losses["mix"]
 
         out = {k: v.detach() for k, v in losses.items()}
         out["loss"] = total

@@ -217,6 +217,10 @@ class RunConfig:
                 raise ConfigError("teacher_cache", "and teacher_ranks exclude each other: pick one")
             if not cfg.needs_teacher:
                 raise ConfigError("teacher_ranks", f"method {cfg.method} uses no teacher; drop teacher_ranks")
+        if cfg.mixup:
+            from .mixup import check_mixup_teacher
+
+            check_mixup_teacher(self)  # a cache, hosted or tensor-parallel teacher cannot label new mixed points
         if self.teacher_cache and cfg.needs_attentions:
             raise ConfigError(
                 "teacher_cache", "stores logits and hidden states, not attention maps: drop it or set w_attention to 0"
@@ -530,6 +534,10 @@ def _distill(config, task, ds_config, teacher_path, splits, setup_seconds, callb
             setup_seconds["teacher_load"], clock = time.perf_counter() - clock, time.perf_counter()
         cache_data = _cache_data(config, models, train_ds, collator, teacher_path)
         teacher = build_teacher(models.teacher, needs, placement, task.num_labels, cache_data, live=live)
+        if cfg.mixup:
+            from .mixup import MixTeacher
+
+            objective.mix_teacher = MixTeacher(teacher)
         if models.source is not None:  # never built here: scored through the live or the hosted teacher
             built, clock = time.perf_counter() - clock, time.perf_counter()
             through = live if layout is None else teacher
