@@ -34,6 +34,7 @@ from torch import nn
 from .config import AD2Config
 from .losses import LOSSES, hard_loss, kd_loss
 from .matching import FEATURES, MatchSpec, build_matches, validate_matches
+from .mixup import mixup_loss
 from .modeling import (
     EmbeddingTap,
     accepted_inputs,
@@ -43,7 +44,6 @@ from .modeling import (
     unwrap_model,
     use_predropout_attention,
 )
-from .mixup import mixup_loss
 from .patches import engine_pre_forward
 from .perturb import per_example_norm, pga_perturbation, random_signs, smart_perturbation, unit_norm
 from .teachers.base import TEACHER_PREFIX, TeacherOutput

@@ -1,5 +1,5 @@
-"""AD2 on top of --augment_copies: δ on the originals and on the edited copies, the teacher (live or its cache) labelling
-both; and MixKD's mixup on the same data."""
+"""AD2 on top of --augment_copies: δ on the originals and on the edited copies, the teacher (live or its cache)
+labelling both; and MixKD's mixup on the same data."""
 
 import json
 from pathlib import Path

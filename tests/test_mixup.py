@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ad2_ds import mixup
 from ad2_ds.config import AD2Config, ConfigError
@@ -127,10 +126,60 @@ def test_a_cache_with_mixup_is_one_line_and_exit_2_before_any_model_loads(tmp_pa
     monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", lambda *a, **k: loaded.append(a))
     out = tmp_path / "out"
     argv = ["--deepspeed", str(ds), "--task", "sst2", "--data_dir", str(data), "--teacher", str(teacher),
-            "--output_dir", str(out), "--no_progress", "--mixup_alpha", "0.4", "--teacher_cache", str(tmp_path / "c")]
+            "--output_dir", str(out), "--no_progress", "--mixup_alpha", "0.4",
+            "--teacher_cache", str(tmp_path / "c")]  # fmt: skip
     capsys.readouterr()
     assert distill_glue.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --teacher_cache ") and "mixup_alpha" in err[0], err
     assert loaded == [] and not out.exists() and not (tmp_path / "c").exists()
     assert json.loads(ds.read_text())  # nothing of the user's touched
+
+
+def _mix_losses(deepspeed, stage, steps=3):
+    teacher, student = tiny_bert(seed=1, initializer_range=0.5), tiny_bert(seed=2, initializer_range=0.5)
+    objective = AD2Objective(student, AD2Config(method="kd", mixup_alpha=0.4), teacher_config=teacher.config)
+    objective.mix_teacher = MixTeacher(LocalTeacher(teacher))
+    config = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": stage},
+              "zero_allow_untested_optimizer": True}  # fmt: skip
+    opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    engine, *_ = deepspeed.initialize(model=objective, optimizer=opt, config=config)
+    torch.manual_seed(0)
+    out = []
+    for step in range(steps):
+        batch = random_batch(batch_size=4, seed=step)
+        losses = engine(batch, LocalTeacher(teacher)(batch))
+        engine.backward(losses["loss"])
+        engine.step()
+        out.append(float(losses["mix"]))
+    return out
+
+
+def test_zero3_partitioned_student_mixes_and_trains_like_stage_0(one_rank):
+    """Under ZeRO-3 the word embeddings are called outside the model's forward: they must still be gathered, and
+    their gradient from the mixed batch must reach the optimizer (the later losses depend on it)."""
+    plain, zero3 = _mix_losses(one_rank, 0), _mix_losses(one_rank, 3)
+    assert len(set(plain)) == 3 and all(abs(a - b) < 1e-5 for a, b in zip(plain, zero3)), (plain, zero3)
+
+
+def test_ad2_trainer_labels_the_mixed_points_with_its_teacher_and_refuses_one_that_cannot(tmp_path, tiny_tokenizer):
+    from test_hf_trainer import tiny_setup, training_args
+
+    from ad2_ds.data.glue import DataCollator
+    from ad2_ds.hf import AD2Trainer
+    from ad2_ds.teachers.base import Teacher
+
+    _, enc, teacher, student = tiny_setup(tmp_path, tiny_tokenizer)
+    common = dict(args=training_args(tmp_path / "run"), train_dataset=enc["train"],
+                  data_collator=DataCollator(tiny_tokenizer.pad_token_id))  # fmt: skip
+    trainer = AD2Trainer(model=student, teacher=teacher, ad2_config=AD2Config(method="kd", mixup_alpha=0.4), **common)
+    assert trainer.objective.mix_teacher.teacher.model is teacher
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and all(h["ad2/mix"] > 0 for h in logged)
+
+    class Precomputed(Teacher):  # stands for a cache: outputs on known examples only
+        num_labels = 3
+
+    with pytest.raises(ValueError, match="Precomputed cannot run"):
+        AD2Trainer(model=student, teacher=Precomputed(), ad2_config=AD2Config(method="kd", mixup_alpha=0.4), **common)
