@@ -266,6 +266,12 @@ class AD2Config:
         return self.w_kd > 0 or self.deep_kd or self.w_pkd > 0 or adv_teacher or self.mixup
 
     @property
+    def teacher_cacheable(self) -> bool:
+        """A teacher cache can serve this objective: it asks for no attention maps (a cache stores none) and no mixup
+        (new points every step)."""
+        return not (self.needs_attentions or self.mixup)
+
+    @property
     def mixup(self) -> bool:
         """MixKD's term is on: the teacher labels mixed word embeddings (:mod:`ad2_ds.mixup`)."""
         return self.mixup_alpha > 0 and self.mixup_weight > 0
