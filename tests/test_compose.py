@@ -122,3 +122,23 @@ def test_mixup_composes_with_ad2_and_the_edited_copies(world, tmp_path, recorded
     assert results["config"]["mixup_alpha"] == 0.4 and results["args"]["mixup_weight"] == 1.0
     assert all({"ce", "kd", "ada", "mix"} <= c["terms"] for c in recorded)
     assert any(i >= N_TRAIN for c in recorded for i in c["idx"])
+
+
+def test_ad2_with_copies_and_mixup_resumes_after_a_kill_to_the_same_weights(world, tmp_path):
+    """The pairs and λ come from torch's CPU generator, which the checkpoint saves: killed and resumed, the run draws
+    the same mixes and ends on the same weights, bit for bit."""
+    from test_recipe import _final_weights, _run
+
+    extra = ["--mixup_alpha", "0.4", "--eval_steps", "2"]
+    full = _run(_argv(world, tmp_path / "full", *extra))
+    assert full.returncode == 0, full.stderr[-2000:]
+    hit = _run(_argv(world, tmp_path / "run", *extra), "kill@7")
+    assert hit.returncode == -9 and not (tmp_path / "run" / "results.json").exists()
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "global_step6"
+    resumed = _run(_argv(world, tmp_path / "run", *extra, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    (tag_a, a), (tag_b, b) = _final_weights(tmp_path / "full"), _final_weights(tmp_path / "run")
+    assert tag_a == tag_b == "global_step15"  # 120 examples, micro-batches of 8
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    history = json.loads((tmp_path / "full" / "results.json").read_text())["history"]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["history"] == history
