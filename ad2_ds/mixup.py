@@ -14,8 +14,9 @@ Each model mixes in its own word-embedding space, with the same pairs and λ:
     token_type_ids = those of x_i                              position and segment embeddings added by the model
 
 The teacher runs on its mixed embeddings (its own tokens when the tokenizers differ: the ``teacher_*`` columns) and
-its logits are the target: ``mix = kd_loss(student(mixed_s), teacher(mixed_t), t)``. No cache can hold them (every
-step makes new points), so mixup needs the teacher in this process: a ``teacher_cache``, a hosted teacher
+its logits are the target: ``mix = kd_loss(student(mixed_s), teacher(mixed_t), t)``: MixKD's teacher-mixup KD term
+(its other parts, a loss on the mixed hard labels and back-translated data, are not here). No cache can hold them
+(every step makes new points), so mixup needs the teacher in this process: a ``teacher_cache``, a hosted teacher
 (``teacher_ranks``) or a tensor-parallel one (``teacher_tp_size`` > 1) is refused by :func:`check_mixup_teacher`
 when the RunConfig is built, before anything loads. Decoder classifiers are refused too: they pool the last
 non-padding token found from ``input_ids``, which inputs_embeds do not carry.
