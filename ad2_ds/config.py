@@ -105,6 +105,8 @@ class AD2Config:
         transformer layers; the embedding output 0:0 is matched for hidden states in every map).
     attention_loss: "kl" or "mse"; head_mismatch: "mean" (compare head-averaged maps) or "error".
     adversarial_deep_kd: also apply the deep-KD terms to the adversarial forward (paper's DKD on both inputs).
+    mixup_alpha, mixup_weight: MixKD's term ``mix`` (Beta(α, α) mixup of word embeddings, the teacher labelling the
+        mixed point; :mod:`ad2_ds.mixup`), weighted mixup_weight; off at α = 0 (the default).
     """
 
     method: str = setting("ad2", " | ".join(METHODS))
@@ -208,6 +210,13 @@ class AD2Config:
     layer_map: str = setting("uniform", "uniform | bottom | top | explicit 's:t,...'")
     attention_loss: str = setting("kl", "kl | mse", teacher_outputs=False)
     head_mismatch: str = setting("mean", "mean | error", teacher_outputs=False)
+    mixup_alpha: float = setting(
+        0.0,
+        "MixKD: mix each example's word embeddings with another's of its batch, lambda ~ Beta(a, a), and distil the "
+        "teacher's logits on the mixed point (needs a live local teacher: no teacher_cache); 0: off",
+        teacher_outputs=False,
+    )
+    mixup_weight: float = setting(1.0, "weight of MixKD's term 'mix' (with --mixup_alpha > 0)", teacher_outputs=False)
 
     def __post_init__(self):
         if self.method not in PRESETS:
@@ -258,7 +267,7 @@ class AD2Config:
                 f"head_mismatch must be one of {HEAD_MISMATCH}, got {self.head_mismatch!r}",
             ),
         ]
-        for name in ("alpha", "w_ce", "w_kd", "w_hidden", "w_attention", "w_pkd"):
+        for name in ("alpha", "w_ce", "w_kd", "w_hidden", "w_attention", "w_pkd", "mixup_alpha", "mixup_weight"):
             value = getattr(self, name)
             checks.append((value >= 0, f"{name} must be >= 0, got {value}"))
         for ok, message in checks:
@@ -343,7 +352,8 @@ class AD2Config:
         return (self.epsilon, self.epsilon_end), (self.step_size, self.step_size_end)
 
     def total_weight(self) -> float:
-        return self.w_ce + self.w_kd + self.alpha + self.w_hidden + self.w_attention + self.w_pkd
+        mix = self.mixup_weight if self.mixup_alpha > 0 else 0.0
+        return self.w_ce + self.w_kd + self.alpha + self.w_hidden + self.w_attention + self.w_pkd + mix
 
     @property
     def adversarial(self) -> bool:
@@ -362,7 +372,18 @@ class AD2Config:
     @property
     def needs_teacher(self) -> bool:
         adv_teacher = self.adversarial and self.adversarial_target == "teacher"
-        return self.w_kd > 0 or self.deep_kd or self.w_pkd > 0 or adv_teacher
+        return self.w_kd > 0 or self.deep_kd or self.w_pkd > 0 or adv_teacher or self.mixup
+
+    @property
+    def teacher_cacheable(self) -> bool:
+        """A teacher cache can serve this objective: it asks for no attention maps (a cache stores none) and no mixup
+        (new points every step)."""
+        return not (self.needs_attentions or self.mixup)
+
+    @property
+    def mixup(self) -> bool:
+        """MixKD's term is on: the teacher labels mixed word embeddings (:mod:`ad2_ds.mixup`)."""
+        return self.mixup_alpha > 0 and self.mixup_weight > 0
 
     @property
     def needs_hidden_states(self) -> bool:

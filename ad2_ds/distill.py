@@ -198,6 +198,10 @@ def _build_teacher(config, models, objective, placement, task, train_ds, collato
         setup_seconds["teacher_load"], clock = time.perf_counter() - clock, time.perf_counter()
     data = cache_data(config, models, train_ds, collator, teacher_path)
     teacher = build_teacher(models.teacher, needs, placement, task.num_labels, data, live=live)
+    if config.objective.mixup:
+        from .mixup import MixTeacher
+
+        objective.mix_teacher = MixTeacher(teacher)
     if models.source is not None:  # never built here: scored through the live or the hosted teacher
         built, clock = time.perf_counter() - clock, time.perf_counter()
         through = live if layout is None else teacher

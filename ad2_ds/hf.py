@@ -171,6 +171,10 @@ class AD2Trainer(Trainer):
         if teacher_config is None and teacher is not None:
             teacher_config = _config_of(teacher)
         self.objective = AD2Objective(model, cfg, teacher_config=teacher_config if cfg.needs_teacher else None)
+        if cfg.mixup:
+            from .mixup import MixTeacher
+
+            self.objective.mix_teacher = MixTeacher(self.teacher)
         if len(self.objective.projections):
             model.add_module(PROJECTIONS, self.objective.projections)  # trained by the Trainer's optimizer
         super().__init__(model, args, *rest, **kwargs)

@@ -17,11 +17,11 @@ the caller's backward through clean and adversarial graphs 4. AD2 with K=1: ≈ 
 Under ZeRO-3 the first gradient needs its own forward (see ``zero3_partitioned``): ≈ 8 units.
 SMART (``perturbation="smart"``) starts from noise, so every one of its K steps costs ≈ 2: ≈ 8 units with K=1.
 Controls: ε = 0 skips the ascent (δ = 0, KD on a second dropout draw): ≈ 6 units; ``random_direction`` runs the
-ascent it randomises: the cost of the adversarial run.
+ascent it randomises: the cost of the adversarial run. MixKD's term (``mixup_alpha`` > 0, :mod:`ad2_ds.mixup`) adds a
+student forward on the mixed batch and its backward (3 units) and a teacher forward on it.
 
-The fast first step (``fast_pga``) takes the gradient from the clean forward's graph, i.e. under the clean forward's
-dropout masks: it is exact for the clean forward's dropout sample, where a separate ascent forward in train mode would
-draw new masks (same distribution, not the same numbers).
+The fast first step (``fast_pga``) takes the gradient from the clean forward's graph (its dropout masks: a separate
+ascent forward in train mode would draw new masks of the same distribution, not the same numbers).
 """
 
 import logging
@@ -33,6 +33,7 @@ from torch import nn
 from .config import AD2Config
 from .losses import LOSSES, hard_loss, kd_loss
 from .matching import FEATURES, MatchSpec, build_matches, validate_matches
+from .mixup import mixup_loss
 from .modeling import (
     EmbeddingTap,
     accepted_inputs,
@@ -74,6 +75,7 @@ class AD2Objective(nn.Module):
         self.last_delta: Optional[torch.Tensor] = None
         # ε and η of the current step: the config's, unless a radius schedule sets them (set_radius)
         self.epsilon, self.step_size = self.config.epsilon, self.config.step_size
+        self.mix_teacher = None  # labels MixKD's mixed points (ad2_ds.mixup.MixTeacher); never a registered module
         self._warned = False
         cfg = self.config
         pga = cfg.adversarial and cfg.perturbation == "pga"
@@ -306,6 +308,9 @@ class AD2Objective(nn.Module):
                 total = total + self._add_deep(losses, self._deep_terms(out_adv, t, mask, True), cfg.alpha)
             losses.update(self._delta_stats(delta, mask))
             self._warn_if_vanished(losses["delta_applied"], out_adv.logits.dtype)
+        if cfg.mixup:  # after the ascent: the mixed forward overwrites the tap's clean reference
+            losses["mix"] = mixup_loss(self, batch, inputs)
+            total = total + cfg.mixup_weight * losses["mix"]
 
         out = {k: v.detach() for k, v in losses.items()}
         out["loss"] = total

@@ -220,6 +220,10 @@ class RunConfig:
                 raise ConfigError("teacher_cache", "and teacher_ranks exclude each other: pick one")
             if not cfg.needs_teacher:
                 raise ConfigError("teacher_ranks", f"method {cfg.method} uses no teacher; drop teacher_ranks")
+        if cfg.mixup:
+            from .mixup import check_mixup_teacher
+
+            check_mixup_teacher(self)  # a cache, hosted or tensor-parallel teacher cannot label new mixed points
         if self.rebuild_teacher_cache and not self.teacher_cache:
             raise ConfigError("rebuild_teacher_cache", "rebuilds the cache in --teacher_cache DIR: pass that too")
         if self.teacher_cache and cfg.needs_attentions:

@@ -73,7 +73,7 @@ def teacher_cache(out_dir: str, task: str, setting: str):
     maps, so a setting with an attention loss runs its teacher live; logits-only, with-hidden-states and augmented
     training sets each get their own cache (a cache is keyed by what it holds and would be rebuilt otherwise)."""
     run = run_config_of(setting)
-    if run.objective.needs_attentions:
+    if not run.objective.teacher_cacheable:  # attention maps or mixup: the teacher runs live
         return None
     name = task + ("-hidden" if run.objective.needs_hidden_states else "")
     if run.data.augment_copies:

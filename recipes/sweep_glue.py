@@ -29,8 +29,9 @@ with its ``results.json`` and ``log.txt``), ``SWEEP_DIR/summary.json`` and ``SWE
 A run whose ``results.json`` exists is skipped, so re-running the same command resumes the sweep; a run killed after
 a checkpoint is continued with ``--resume``. ``--teacher_cache DIR`` gives every run that needs no attention maps a
 teacher cache under ``DIR/{task}/{method}`` (built by the first seed, reused by the rest; pass-through flags, which
-may change the data or the layers cached, add a hash of themselves: ``{method}-{hash}``); attention-KD runs run the
-teacher live. ``--collect_only`` only rewrites the summary from the runs on disk.
+may change the data or the layers cached, add a hash of themselves: ``{method}-{hash}``); attention-KD and mixup
+runs run the teacher live (a cache holds no attention maps, nor the teacher on new mixed points). ``--collect_only``
+only rewrites the summary from the runs on disk.
 """
 
 import argparse
@@ -187,9 +188,10 @@ def cache_tag(passthrough) -> str:
     return "-" + hashlib.sha1(" ".join(kept).encode()).hexdigest()[:8] if kept else ""
 
 
-def needs_attentions(argv) -> bool:
-    """The run's resolved objective, parsed exactly as distill_glue parses it (bad pass-through flags fail here)."""
-    return config_from_args(run_parser(__doc__).parse_args(argv)).objective.needs_attentions
+def teacher_cacheable(argv) -> bool:
+    """Whether a teacher cache can serve the run (no attention maps, no mixup): its resolved objective, parsed exactly
+    as distill_glue parses it (bad pass-through flags fail here)."""
+    return config_from_args(run_parser(__doc__).parse_args(argv)).objective.teacher_cacheable
 
 
 def command(args, argv):
@@ -206,7 +208,7 @@ def execute(args, run) -> dict:
         argv.append("--resume")
     elif os.path.isdir(out):
         argv.append("--overwrite_output_dir")  # a run killed before its first checkpoint
-    if args.teacher_cache and not needs_attentions(run["argv"]):
+    if args.teacher_cache and teacher_cacheable(run["argv"]):
         argv += ["--teacher_cache", os.path.join(args.teacher_cache, run["task"], run["cache"])]
     os.makedirs(out, exist_ok=True)
     if args.csv_monitor:
@@ -340,7 +342,7 @@ def main(argv=None) -> int:
     runs = plan(args, passthrough)
     if not args.collect_only:
         try:
-            needs_attentions(runs[0]["argv"])  # a bad pass-through flag fails before anything runs
+            teacher_cacheable(runs[0]["argv"])  # a bad pass-through flag fails before anything runs
         except (SystemExit, ValueError) as e:
             print(f"error: the runs' flags do not parse ({e or 'see above'})", file=sys.stderr)
             return 2

@@ -86,6 +86,16 @@ def test_pass_through_flags_get_their_own_teacher_cache(tmp_path):
     assert caches["augment"].startswith("kd-") and caches["skip"].startswith("kd-")
 
 
+def test_mixup_and_attention_runs_get_no_teacher_cache(tmp_path):
+    from recipes import sweep_glue
+
+    base = ["--sweep_dir", str(tmp_path), "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"), "--seeds", "1"]
+    for extra, cacheable in ((["--methods", "ad2"], True), (["--methods", "ad2", "--mixup_alpha", "0.4"], False),
+                             (["--methods", "ad2-paper"], False)):  # fmt: skip
+        args, passthrough = sweep_glue.parse_args(base + extra)
+        assert sweep_glue.teacher_cacheable(sweep_glue.plan(args, passthrough)[0]["argv"]) is cacheable, extra
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
