@@ -2,17 +2,18 @@
 
     PYTHONPATH=. python benchmarks/memory.py --json_out docs/results/memory.json
     PYTHONPATH=. python benchmarks/memory.py --teachers bert-large --dtypes bf16 --no_student
-    PYTHONPATH=. python benchmarks/memory.py --disk bert-large,llama-1b --tp 1,2,4 --no_student \
+    PYTHONPATH=. python benchmarks/memory.py --disk bert-base,bert-large --tp 1,2,4 --no_student \
         --json_out docs/results/memory_sharded.json      # real safetensors files, sharded loading (below)
 
 ``--disk``: the teachers are written once as sharded safetensors checkpoints on disk (random weights, written tensor by
-tensor: BERT-large in fp32 as BERT checkpoints ship, the 1.03B-parameter TinyLlama-shaped decoder in bf16 as LLM
-checkpoints ship) and loaded the way the library does: at TP=1 ``from_pretrained(dir, dtype=...)`` then
-``LocalTeacher``, at TP>1 ``DeepSpeedTeacher.from_pretrained`` (each rank fills only its own shards, one file at a
-time). A thread samples each rank's anonymous memory (RssAnon) every 2 ms, so every phase (load, forward, after) gets
-its own anonymous peak next to its file-backed pages (RssFile: the memory-mapped checkpoint, shared through the page
-cache). ``MALLOC_MMAP_THRESHOLD_=1048576`` is set for the ranks so glibc returns freed full-size tensors at once.
-The expected floor is the bytes a rank holds after loading (its shards + the layers every rank replicates).
+tensor: BERT-base and BERT-large in fp32 as BERT checkpoints ship, the 1.03B-parameter TinyLlama-shaped decoder in bf16
+as LLM checkpoints ship) and loaded the way the library does: at TP=1 ``from_pretrained(dir, dtype=...)`` then
+``LocalTeacher``, at TP>1 ``DeepSpeedTeacher.from_pretrained`` (each rank fills only its own shards). A thread samples
+each rank's anonymous memory (RssAnon) every 2 ms, so every phase (load, forward, after) gets its own anonymous peak
+next to its file-backed pages (RssFile: the memory-mapped checkpoint, shared through the page cache). The ranks get
+the environment the script was started with (no allocator variable is set: the ``MALLOC_*`` variables found are
+recorded in the JSON, and a user runs without any). The expected floor is the bytes a rank holds after loading (its
+shards + the layers every rank replicates).
 
 Every configuration runs in fresh processes (``ad2_ds.testing.launch`` with the spawn start method: exec gives each
 rank a new address space, so its peak RSS belongs to that configuration only). Each rank reads its resident memory
@@ -94,6 +95,13 @@ def bert_large_config():
 
     return BertConfig(vocab_size=30522, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                       intermediate_size=4096, max_position_embeddings=512, num_labels=2)
+
+
+def bert_base_config():
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                      intermediate_size=3072, max_position_embeddings=512, num_labels=2)
 
 
 def minilm_config(layers: int):
@@ -217,6 +225,7 @@ def _student_rank(rank, world_size, stage, batch_size, seq_len, dtype_name="fp32
 
 
 DISK_TEACHERS = {
+    "bert-base": "BERT-base shape (12 x 768, 12 heads, FFN 3072, vocab 30522, 109M params), fp32 safetensors",
     "bert-large": "BERT-large shape (24 x 1024, 16 heads, FFN 4096, vocab 30522, 335M params), fp32 safetensors",
     "llama-1b": "TinyLlama-1.1B shape (22 x 2048, 32 heads, 4 kv heads, FFN 5632, vocab 32000, 1.03B params), "
     "bf16 safetensors",
@@ -226,8 +235,8 @@ DISK_TEACHERS = {
 def disk_config(kind: str):
     from transformers import LlamaConfig
 
-    if kind == "bert-large":
-        cfg = bert_large_config()
+    if kind in ("bert-base", "bert-large"):
+        cfg = bert_large_config() if kind == "bert-large" else bert_base_config()
         cfg.architectures = ["BertForSequenceClassification"]
         return cfg, "float32"
     cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
@@ -372,7 +381,6 @@ def _disk_teacher_rank(rank, world_size, path, dtype_name, batch_size, seq_len):
 def disk_rows(args) -> list:
     from ad2_ds.testing import launch
 
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)  # inherited by the spawned ranks
     rows = []
     for kind in args.disk.split(","):
         path = os.path.join(args.checkpoint_dir, kind)
@@ -384,7 +392,7 @@ def disk_rows(args) -> list:
         for dtype in args.dtypes.split(","):
             for tp in map(int, args.tp.split(",")):
                 t0 = time.perf_counter()
-                batch = args.decoder_batch_size if kind != "bert-large" else args.batch_size
+                batch = args.batch_size if kind.startswith("bert") else args.decoder_batch_size
                 ranks = launch(_disk_teacher_rank, world_size=tp, args=(path, dtype, batch, args.seq_len),
                                timeout_s=args.timeout_s, start_method="spawn")  # fmt: skip
                 r = ranks[0]
@@ -416,6 +424,11 @@ def disk_rows(args) -> list:
     return rows
 
 
+def malloc_env() -> dict:
+    """The glibc allocator variables in the environment (the ranks inherit it): {} when run as a user runs it."""
+    return {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+
+
 def environment() -> dict:
     mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     return common.environment(mem_total_gib=mem_gib)
@@ -440,7 +453,6 @@ def main(argv=None):
     p.add_argument("--disk", default=None, help="teachers from safetensors on disk: bert-large,llama-1b")
     p.add_argument("--checkpoint_dir", default="/tmp/ad2_ds_memory_checkpoints")
     p.add_argument("--decoder_batch_size", type=int, default=4)
-    p.add_argument("--malloc_mmap_threshold", type=int, default=1048576)
     args = p.parse_args(argv)
     from ad2_ds.testing import launch
 
@@ -448,6 +460,7 @@ def main(argv=None):
         unknown = sorted(set(args.disk.split(",")) - set(DISK_TEACHERS))
         if unknown:
             p.error(f"--disk: unknown teachers {unknown}; known: {sorted(DISK_TEACHERS)}")
+        print(f"allocator variables in the environment: {malloc_env() or 'none'}", flush=True)
         rows = disk_rows(args)
         print("\nTeacher memory per rank from safetensors on disk (MiB above the rank's base; anon = RssAnon, file = "
               "RssFile; held = the rank's parameters + buffers)")  # fmt: skip
@@ -460,7 +473,7 @@ def main(argv=None):
         cmd_args = sys.argv[1:] if argv is None else argv
         result = {"command": "PYTHONPATH=. python benchmarks/memory.py " + " ".join(cmd_args),
                   "environment": environment(), "teachers": DISK_TEACHERS,
-                  "malloc_mmap_threshold": args.malloc_mmap_threshold, "disk_rows": rows}  # fmt: skip
+                  "malloc_env": malloc_env(), "disk_rows": rows}  # fmt: skip
         if args.json_out:
             os.makedirs(os.path.dirname(args.json_out) or ".", exist_ok=True)
             with open(args.json_out, "w") as f:

@@ -26,14 +26,14 @@ The teacher's collectives run on process groups of its own (``dist.new_group``),
 communicates on the default group (gloo; see stream.py for NCCL).
 """
 
-from typing import List, Mapping, Optional, Sequence
+from typing import Callable, List, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as tdist
 
 from .. import dist
 from ..modeling import accepted_inputs
-from . import sharded
+from . import fill, sharded
 from .base import Teacher, TeacherOutput
 from .decoder import check_decoder_padding, is_decoder_classifier
 from .local import check_attn_implementation, freeze, model_inputs
@@ -114,6 +114,8 @@ class DeepSpeedTeacher(Teacher):
         DeepSpeed's own world collective in ``init_inference`` (an RNG broadcast from rank 0) is run on the group.
     label_order: the teacher output serving each of the data's labels (``logits[:, label_order]``), when the teacher
         names the same labels in another order (:func:`ad2_ds.data.custom.match_teacher_labels`); None: as they are.
+    load_weights: called with the engine's module right after ``init_inference`` (``from_pretrained`` passes a meta
+        skeleton and fills the shards the engine allocated, :mod:`ad2_ds.teachers.fill`).
     init_inference_kwargs: passed to ``deepspeed.init_inference``.
     Logits come back in fp32, hidden states and attentions in ``dtype``.
     """
@@ -130,6 +132,7 @@ class DeepSpeedTeacher(Teacher):
         pad_token_id: Optional[int] = None,
         group=None,
         label_order: Optional[Sequence[int]] = None,
+        load_weights: Optional[Callable[[torch.nn.Module], object]] = None,
         **init_inference_kwargs,
     ):
         import deepspeed
@@ -190,6 +193,8 @@ class DeepSpeedTeacher(Teacher):
                 replace_with_kernel_inject=False,
                 **init_inference_kwargs,
             )
+        if load_weights is not None:
+            load_weights(self.engine.module)
         if tp_size > 1 and heads is not None:
             sharded.shard_head_parameters(self.engine.module, tdist.get_rank(self.group), tp_size, heads)
         left_on_meta = sharded.meta_tensors(self.engine.module)
@@ -226,15 +231,19 @@ class DeepSpeedTeacher(Teacher):
         **kwargs,
     ) -> "DeepSpeedTeacher":
         """A TP teacher loaded from a safetensors checkpoint folder shard by shard: each rank builds an empty skeleton
-        (parameters on meta) and DeepSpeed fills only that rank's shards, one checkpoint file at a time, so no rank
-        ever holds the whole model (see :mod:`ad2_ds.teachers.sharded`).
+        (parameters on meta), AutoTP shards it and the engine allocates only this rank's shards, which are then read
+        from the safetensors files slice by slice and cast in place (:mod:`ad2_ds.teachers.fill`), so no rank ever
+        holds the whole model nor a full-size temporary of any tensor. A layer AutoTP shards in another way (fused
+        QKV, ...) falls back to DeepSpeed's own shard loader (one file at a time, see :mod:`ad2_ds.teachers.sharded`).
 
         Before loading, the checkpoint's keys must cover the skeleton (one clear line otherwise) and ``.bin``
-        checkpoints are refused. After loading, no parameter or buffer may be left on meta. A model with a parameter
-        DeepSpeed's loader does not fill is loaded whole instead (a warning names it), as is any model at tp_size 1.
+        checkpoints are refused. After loading, no parameter or buffer may be left unloaded. Any model at tp_size 1
+        is loaded whole; on DeepSpeed's loader (the fallback), so is a model with a parameter that loader does not
+        fill (a warning names it).
         pad_token_id: the teacher's pad id when its config has none (decoders: the tokenizer's, after
             :func:`~ad2_ds.teachers.decoder.prepare_decoder_teacher`); written into the config.
-        scratch_dir: where a bridge file goes when a module's tensors span two checkpoint files (default: a temp dir).
+        scratch_dir: where a bridge file goes when a module's tensors span two checkpoint files (default: a temp dir;
+            DeepSpeed's loader only).
         kwargs: the other :class:`DeepSpeedTeacher` arguments.
         """
         import logging
@@ -247,22 +256,45 @@ class DeepSpeedTeacher(Teacher):
         size = tp_size or (dist.get_world_size(group) if group is not None else dist.get_world_size())
         config_kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
         files = sharded.checkpoint_files(path) if int(size) > 1 else None
-        model = sharded.empty_classifier(path, num_labels, trust_remote_code, **config_kwargs)
-        if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = int(pad_token_id)
+
+        def skeleton():
+            model = sharded.empty_classifier(path, num_labels, trust_remote_code, **config_kwargs)
+            if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
+                model.config.pad_token_id = int(pad_token_id)
+            return model
+
+        model = skeleton()
+        log = logging.getLogger(__name__)
+        if files:
+            sharded.check_keys_cover(model, files, path)
+            buffers = fill.snapshot_buffers(model)  # init_inference's to_empty wipes the skeleton's real buffers
+            try:
+                teacher = cls(
+                    model,
+                    tp_size=tp_size,
+                    dtype=dtype,
+                    pad_token_id=pad_token_id,
+                    load_weights=lambda module: fill.fill_from_checkpoint(module, path, files, buffers),
+                    **kwargs,
+                )
+            except fill.UnsupportedLayout as e:  # decided from the layers alone, before any read: same on every rank
+                log.warning("DeepSpeedTeacher.from_pretrained: %s: %s; DeepSpeed's own shard loader is used", path, e)
+                model = skeleton()
+            else:
+                fill.release_freed_memory()
+                teacher.loaded = "shards"
+                return teacher
         blocker = sharded.sharded_load_blocker(model) if files else None
         if files and blocker is None:
-            sharded.check_keys_cover(model, files, path)
             with tempfile.TemporaryDirectory(dir=scratch_dir) as scratch:
                 ckpt = sharded.ds_checkpoint_kwargs(path, files, scratch)
                 teacher = cls(model, tp_size=tp_size, dtype=dtype, pad_token_id=pad_token_id, **ckpt, **kwargs)
-                teacher.loaded = "shards"
-                return teacher
+            fill.release_freed_memory()  # what DeepSpeed's full-size temporaries left in the heap
+            teacher.loaded = "shards"
+            return teacher
         if blocker is not None:
-            logging.getLogger(__name__).warning(
-                "DeepSpeedTeacher.from_pretrained: %s is loaded whole on every rank, then sharded: %s",
-                path,
-                blocker,
+            log.warning(
+                "DeepSpeedTeacher.from_pretrained: %s is loaded whole on every rank, then sharded: %s", path, blocker
             )
         model = AutoModelForSequenceClassification.from_pretrained(
             path, trust_remote_code=trust_remote_code, config=model.config, **config_kwargs
