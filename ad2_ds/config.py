@@ -76,6 +76,7 @@ PRESETS = {
 }  # fmt: skip
 PERTURBATION_DEFAULTS = dict(CHOSEN_PERTURBATION, noise_var=1e-5)
 PERTURBATIONS = ("pga", "smart")
+ASCENTS = ("kl", "clean_grad", "free")  # how δ's direction is found: ad2_ds/ascent.py
 PERTURB_NORMS = ("example-l2", "token-l2", "token-linf")
 PERTURB_SIZES = ("absolute", "relative")
 PERTURB_PLACES = ("output", "pre-ln")
@@ -161,6 +162,20 @@ class AD2Config:
     fast_pga: bool = setting(
         True, "recompute the clean forward for the first ascent step", flag="naive_pga", teacher_outputs=False
     )
+    ascent: str = setting(
+        "kl",
+        "how delta's direction is found (K=1 pga): kl (an input-only backward of the adversarial KL: 7 forward "
+        "units); clean_grad (the gradient the clean ce+kd backward sends to the embeddings: 6); free (one delta per "
+        "training example, stepped along the adversarial backward's own gradient, reused next epoch; one rank: 6)",
+        choices=ASCENTS,
+        teacher_outputs=False,
+    )
+    free_delta_budget_gb: Optional[float] = setting(
+        None,
+        "ascent free: the memory its delta store (examples x tokens x width x 4 bytes) may take; default half the RAM "
+        "available at the start",
+        teacher_outputs=False,
+    )
     w_ce: Optional[float] = setting(None, "override the method's preset weight")
     w_kd: Optional[float] = setting(None, "override the method's preset weight")
     w_hidden: Optional[float] = setting(None, "override the method's preset weight")
@@ -221,6 +236,25 @@ class AD2Config:
             (
                 self.head_mismatch in HEAD_MISMATCH,
                 f"head_mismatch must be one of {HEAD_MISMATCH}, got {self.head_mismatch!r}",
+            ),
+        ]
+        cheap = self.ascent != "kl" and self.adversarial
+        checks += [
+            (self.ascent in ASCENTS, f"ascent must be one of {ASCENTS}, got {self.ascent!r}"),
+            (
+                not cheap or (self.perturbation == "pga" and self.pga_steps == 1 and not self.random_start),
+                f"ascent {self.ascent} takes one pga step from its start: use perturbation pga, pga_steps 1, no "
+                "random_start (or ascent kl)",
+            ),
+            (not cheap or self.fast_pga, f"naive_pga is a variant of ascent kl, not of {self.ascent}"),
+            (not cheap or self.epsilon > 0, "the epsilon = 0 control runs no ascent: use ascent kl with it"),
+            (
+                not (cheap and self.ascent == "free" and self.random_direction),
+                "random_direction is a control of ascents kl and clean_grad (free steps the delta it applies)",
+            ),
+            (
+                self.free_delta_budget_gb is None or self.free_delta_budget_gb > 0,
+                f"free_delta_budget_gb must be > 0, got {self.free_delta_budget_gb}",
             ),
         ]
         for name in ("alpha", "w_ce", "w_kd", "w_hidden", "w_attention", "w_pkd"):

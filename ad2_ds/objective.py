@@ -16,6 +16,7 @@ each further PGA step (K > 1, or a random start) one forward + input-only backwa
 the caller's backward through clean and adversarial graphs 4. AD2 with K=1: ≈ 7 units against KD's 3.
 Under ZeRO-3 the first gradient needs its own forward (see ``zero3_partitioned``): ≈ 8 units.
 SMART (``perturbation="smart"``) starts from noise, so every one of its K steps costs ≈ 2: ≈ 8 units with K=1.
+The cheaper ascents (``ascent="clean_grad"`` / ``"free"``, :mod:`ad2_ds.ascent`) need no input-only backward: 6.
 Controls: ε = 0 skips the ascent (δ = 0, KD on a second dropout draw): ≈ 6 units; ``random_direction`` runs the
 ascent it randomises: the cost of the adversarial run.
 
@@ -43,6 +44,7 @@ from .modeling import (
     use_predropout_attention,
 )
 from .patches import engine_pre_forward
+from .ascent import clean_grad_delta, free_delta
 from .perturb import per_example_norm, pga_perturbation, random_signs, smart_perturbation, unit_norm
 from .teachers.base import TEACHER_PREFIX, TeacherOutput
 from .teachers.decoder import pooled_state, pools_last_token
@@ -72,6 +74,7 @@ class AD2Objective(nn.Module):
         self._hidden_s = inner.config.hidden_size
         self._n_labels_s = inner.config.num_labels
         self.last_delta: Optional[torch.Tensor] = None
+        self.delta_store = None  # ascent free: an ad2_ds.ascent.DeltaStore (run state, not a buffer)
         self._warned = False
         cfg = self.config
         pga = cfg.adversarial and cfg.perturbation == "pga"
@@ -261,9 +264,10 @@ class AD2Objective(nn.Module):
             and not cfg.random_start
             and not cfg.zero_delta
             and not self.zero3_partitioned
+            and cfg.ascent == "kl"
         )
 
-        self._tap.capture = fast
+        self._tap.capture = fast or (cfg.adversarial and cfg.ascent == "clean_grad")
         try:
             out_s = self._run(inputs, need_h, need_a)
         finally:
@@ -282,10 +286,18 @@ class AD2Objective(nn.Module):
             mask_t = batch.get(TEACHER_PREFIX + "attention_mask", mask)
             total = total + self._add_deep(losses, self._deep_terms(out_s, t, mask, False, mask_t), 1.0)
 
-        if cfg.adversarial:
+        if cfg.adversarial and cfg.ascent != "kl":
+            rel = self._relative_scale(inputs, mask, self._tap.reference) if cfg.perturb_size == "relative" else None
+            if cfg.ascent == "clean_grad":
+                delta, total = clean_grad_delta(self, emb, total, mask, rel)
+            else:
+                delta = free_delta(self, batch, self._embedding_shape(inputs), mask, rel)
+            self.last_delta = delta.detach()
+        elif cfg.adversarial:
             delta = self.perturbation(
                 batch, t, inputs=inputs, clean_logits=out_s.logits, clean_emb=emb, clean_ref=self._tap.reference
             )
+        if cfg.adversarial:
             deep_adv = bool(self.matches) and cfg.adversarial_deep_kd and (cfg.w_hidden > 0 or need_a)
             self._tap.delta, self._tap.measure = delta, True
             try:
@@ -320,7 +332,7 @@ class AD2Objective(nn.Module):
             }
 
     def _warn_if_vanished(self, applied: torch.Tensor, dtype) -> None:
-        if self._warned or self.config.zero_delta:
+        if self._warned or self.config.zero_delta or not bool(self.last_delta.any()):  # free: δ = 0 on a first visit
             return
         ratio = float(applied)
         if ratio < 0.5:

@@ -453,6 +453,9 @@ def run_distillation(config: RunConfig, callbacks: Sequence = ()) -> Optional[di
     clock = time.perf_counter()
     task, splits = load_data(config.data)  # bad data fails here, before any model is fetched or trained
     check_teacher_labels(config, task)
+    from .ascent import check_ascent  # ascent free: one rank, and its δ store fits in memory
+
+    check_ascent(config, splits, int(os.environ.get("WORLD_SIZE", "1")) - len(config.teacher_ranks))
     setup_seconds = {"load_and_augment_data": time.perf_counter() - clock}
     teacher_path = config.teacher
     if teacher_path is None and (config.objective.needs_teacher or not config.student):
@@ -484,6 +487,7 @@ def _distill(config, task, ds_config, teacher_path, splits, setup_seconds, callb
     import torch.distributed as dist
     from transformers import set_seed
 
+    from .ascent import attach_delta_store
     from .engine import build_engine
     from .objective import AD2Objective
     from .teachers.factory import TeacherNeeds, TeacherPlacement, build_teacher, live_teacher, serve_hosted_teacher
@@ -518,6 +522,7 @@ def _distill(config, task, ds_config, teacher_path, splits, setup_seconds, callb
     setup_seconds["evaluate_teacher_and_latency"], clock = time.perf_counter() - clock, time.perf_counter()
     teacher_config = models.teacher_config if cfg.needs_teacher else None
     objective = AD2Objective(models.student, cfg, teacher_config=teacher_config)
+    store_report = attach_delta_store(objective, train_ds)  # ascent free's δ per example: {} for the others
     engine, ds_config = build_engine(
         objective, ds_config, len(train_ds), config.num_train_epochs, layout, config.keep_zero_stage
     )
@@ -578,6 +583,7 @@ def _distill(config, task, ds_config, teacher_path, splits, setup_seconds, callb
         "overflow_skipped_steps": engine.skipped_steps,
         "truncated": truncated,
         "engine": _engine_facts(engine),
+        **store_report,
         **report,
     }
     test = score_test_split(task, tokenized, collator, out, config, engine, group)
