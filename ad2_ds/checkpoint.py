@@ -1,6 +1,6 @@
 """Checkpoints of a training run: DeepSpeed's own files plus the loop's state, every rank's RNG and the run's config.
 
-    save_state(engine, "runs/x/checkpoints", state, group, run_config=config.to_dict())
+    save_state(engine, "runs/x/checkpoints", state, group, run_config=config.to_dict())   # + ascent free's δ store
     state = load_state(engine, "runs/x/checkpoints", group)      # weights_only unpickling; RNG states restored
 
 ``latest`` is replaced atomically once every rank has written its files, so a kill at any moment leaves a complete
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .ascent import load_store, save_store
 from .dist import get_rank, get_world_size
 from .patches import default_group, load_weights_only
 
@@ -93,6 +94,7 @@ def save_state(engine, ckpt_dir: str, state: TrainState, group=None, run_config:
     with default_group(group, engine):
         client = {"ad2_state": json.dumps(dataclasses.asdict(state)), "run_config": json.dumps(run_config)}
         engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client, save_latest=False)
+    save_store(getattr(engine.module, "delta_store", None), os.path.join(ckpt_dir, tag))  # ascent free's δ per example
     if world_size > 1:
         dist.barrier(group)
     if rank == 0:
@@ -128,6 +130,8 @@ def load_state(engine, ckpt_dir: str, group=None) -> TrainState:
     if path is None or "ad2_state" not in (client or {}):
         raise ValueError(f"--resume: the checkpoint under {ckpt_dir} could not be loaded")
     state = TrainState(**json.loads(client["ad2_state"]))
+    with open(os.path.join(ckpt_dir, "latest")) as f:
+        load_store(getattr(engine.module, "delta_store", None), os.path.join(ckpt_dir, f.read().strip()))
     rank, world_size = world(group)
     if len(state.rng) != world_size:
         raise ValueError(

@@ -76,6 +76,7 @@ PRESETS = {
 }  # fmt: skip
 PERTURBATION_DEFAULTS = dict(CHOSEN_PERTURBATION, noise_var=1e-5)
 PERTURBATIONS = ("pga", "smart")
+ASCENTS = ("kl", "clean_grad", "free")  # how δ's direction is found: ad2_ds/ascent.py
 PERTURB_NORMS = ("example-l2", "token-l2", "token-linf")
 PERTURB_SIZES = ("absolute", "relative")
 PERTURB_PLACES = ("output", "pre-ln")
@@ -198,6 +199,20 @@ class AD2Config:
         "plateau: the running loss is an exponential mean, value = s * value + (1 - s) * loss (0: each step's own)",
         teacher_outputs=False,
     )
+    ascent: str = setting(
+        "kl",
+        "how delta's direction is found (K=1 pga): kl (an input-only backward of the adversarial KL: 7 forward "
+        "units); clean_grad (the gradient the clean ce+kd backward sends to the embeddings: 6); free (one delta per "
+        "training example, stepped along the adversarial backward's own gradient, reused next epoch; one rank: 6)",
+        choices=ASCENTS,
+        teacher_outputs=False,
+    )
+    free_delta_budget_gb: Optional[float] = setting(
+        None,
+        "ascent free: the memory its delta store (examples x tokens x width x 4 bytes) may take; default half the RAM "
+        "available at the start",
+        teacher_outputs=False,
+    )
     w_ce: Optional[float] = setting(None, "override the method's preset weight")
     w_kd: Optional[float] = setting(None, "override the method's preset weight")
     w_hidden: Optional[float] = setting(None, "override the method's preset weight")
@@ -267,6 +282,10 @@ class AD2Config:
                 f"head_mismatch must be one of {HEAD_MISMATCH}, got {self.head_mismatch!r}",
             ),
         ]
+        from .ascent_settings import ascent_checks
+
+        checks += [(self.ascent in ASCENTS, f"ascent must be one of {ASCENTS}, got {self.ascent!r}")]
+        checks += ascent_checks(self)
         for name in ("alpha", "w_ce", "w_kd", "w_hidden", "w_attention", "w_pkd", "mixup_alpha", "mixup_weight"):
             value = getattr(self, name)
             checks.append((value >= 0, f"{name} must be >= 0, got {value}"))

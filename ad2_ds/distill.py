@@ -54,6 +54,9 @@ def prepare(config: RunConfig) -> Prepared:
     clock = time.perf_counter()
     task, splits = load_data(config.data)
     check_teacher_labels(config, task)
+    from .ascent import check_ascent  # ascent free: one rank, and its δ store fits in memory
+
+    check_ascent(config, splits, int(os.environ.get("WORLD_SIZE", "1")) - len(config.teacher_ranks))
     return Prepared(ds_config, task, splits, {"load_and_augment_data": time.perf_counter() - clock})
 
 
@@ -68,6 +71,7 @@ def distill(config: RunConfig, prepared: Prepared, teacher_path, callbacks: Sequ
     import torch.distributed as dist
     from transformers import set_seed
 
+    from .ascent import attach_delta_store
     from .engine import build_engine
     from .objective import AD2Objective
     from .teachers.factory import TeacherPlacement
@@ -98,6 +102,7 @@ def distill(config: RunConfig, prepared: Prepared, teacher_path, callbacks: Sequ
     setup_seconds["evaluate_teacher_and_latency"], clock = time.perf_counter() - clock, time.perf_counter()
     teacher_config = models.teacher_config if cfg.needs_teacher else None
     objective = AD2Objective(models.student, cfg, teacher_config=teacher_config)
+    store_report = attach_delta_store(objective, train_ds)  # ascent free's δ per example: {} for the others
     engine, ds_config = build_engine(
         objective, ds_config, len(train_ds), config.num_train_epochs, layout, config.keep_zero_stage
     )
@@ -154,6 +159,7 @@ def distill(config: RunConfig, prepared: Prepared, teacher_path, callbacks: Sequ
         "overflow_skipped_steps": engine.skipped_steps,
         "truncated": truncated,
         "engine": engine_facts(engine),
+        **store_report,
         **report,
     }
     test = score_test_split(task, tokenized, collator, out, config, engine, group)

@@ -9,6 +9,7 @@ given one), and drop stage 0's all-reduce over a world of one. ``ds_config`` is 
 """
 
 import logging
+import weakref
 from typing import Optional, Tuple, Union
 
 from . import dist
@@ -67,6 +68,8 @@ def build_engine(
     engine, *_ = deepspeed.initialize(
         model=objective, model_parameters=params, optimizer=optimizer, config=ds_config, mpu=mpu
     )
+    # ascent clean_grad takes its clean gradients at the engine's fp16 loss scale (a weakref: the engine holds it)
+    objective.__dict__["_scaling_engine"] = weakref.ref(engine)
     if single_rank_path:
         from .patches import skip_single_rank_allreduce
 

@@ -10,15 +10,8 @@ student may also be a DeepSpeed engine itself (``AD2Objective(engine, cfg)``); t
 when student and teacher widths differ, must be handed to that engine's optimizer by the caller
 (``objective.projections.parameters()``).
 
-Passes per step (one forward = 1 unit, a full backward = 2, an input-only backward ≈ 1):
-clean forward 1; first ascent gradient by ``torch.autograd.grad`` on the retained clean graph (input grads only) ≈ 1;
-each further PGA step (K > 1, or a random start) one forward + input-only backward ≈ 2; adversarial forward 1;
-the caller's backward through clean and adversarial graphs 4. AD2 with K=1: ≈ 7 units against KD's 3.
-Under ZeRO-3 the first gradient needs its own forward (see ``zero3_partitioned``): ≈ 8 units.
-SMART (``perturbation="smart"``) starts from noise, so every one of its K steps costs ≈ 2: ≈ 8 units with K=1.
-Controls: ε = 0 skips the ascent (δ = 0, KD on a second dropout draw): ≈ 6 units; ``random_direction`` runs the
-ascent it randomises: the cost of the adversarial run. MixKD's term (``mixup_alpha`` > 0, :mod:`ad2_ds.mixup`) adds a
-student forward on the mixed batch and its backward (3 units) and a teacher forward on it.
+Passes per step (forward units: AD2 K=1 ≈ 7 against KD's 3; the cheaper ascents 6; each variant's count) are in
+docs/ARCHITECTURE.md, "Passes per step"; ``benchmarks/step_cost.py`` counts them with hooks.
 
 The fast first step (``fast_pga``) takes the gradient from the clean forward's graph (its dropout masks: a separate
 ascent forward in train mode would draw new masks of the same distribution, not the same numbers).
@@ -30,6 +23,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from .ascent import cheap_delta
 from .config import AD2Config
 from .losses import LOSSES, hard_loss, kd_loss
 from .matching import FEATURES, MatchSpec, build_matches, validate_matches
@@ -76,6 +70,7 @@ class AD2Objective(nn.Module):
         # ε and η of the current step: the config's, unless a radius schedule sets them (set_radius)
         self.epsilon, self.step_size = self.config.epsilon, self.config.step_size
         self.mix_teacher = None  # labels MixKD's mixed points (ad2_ds.mixup.MixTeacher); never a registered module
+        self.delta_store = None  # ascent free: an ad2_ds.ascent.DeltaStore (run state, not a buffer)
         self._warned = False
         cfg = self.config
         pga = cfg.adversarial and cfg.perturbation == "pga"
@@ -271,9 +266,10 @@ class AD2Objective(nn.Module):
             and not cfg.random_start
             and not cfg.zero_delta
             and not self.zero3_partitioned
+            and cfg.ascent == "kl"
         )
 
-        self._tap.capture = fast
+        self._tap.capture = fast or (cfg.adversarial and cfg.ascent == "clean_grad")
         try:
             out_s = self._run(inputs, need_h, need_a)
         finally:
@@ -292,10 +288,13 @@ class AD2Objective(nn.Module):
             mask_t = batch.get(TEACHER_PREFIX + "attention_mask", mask)
             total = total + self._add_deep(losses, self._deep_terms(out_s, t, mask, False, mask_t), 1.0)
 
-        if cfg.adversarial:
+        if cfg.adversarial and cfg.ascent != "kl":  # 6 units: no input-only backward (ad2_ds.ascent)
+            delta, total = cheap_delta(self, batch, inputs, emb, total, mask)
+        elif cfg.adversarial:
             delta = self.perturbation(
                 batch, t, inputs=inputs, clean_logits=out_s.logits, clean_emb=emb, clean_ref=self._tap.reference
             )
+        if cfg.adversarial:
             deep_adv = bool(self.matches) and cfg.adversarial_deep_kd and (cfg.w_hidden > 0 or need_a)
             self._tap.delta, self._tap.measure = delta, True
             try:
@@ -333,7 +332,7 @@ class AD2Objective(nn.Module):
             }
 
     def _warn_if_vanished(self, applied: torch.Tensor, dtype) -> None:
-        if self._warned or self.config.zero_delta or self.epsilon == 0:
+        if self._warned or self.config.zero_delta or self.epsilon == 0 or not bool(self.last_delta.any()):
             return
         ratio = float(applied)
         if ratio < 0.5:

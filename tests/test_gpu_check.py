@@ -19,7 +19,11 @@ def run_check(out_dir, *flags):
         env.pop(key, None)  # a one-rank job of its own
     return subprocess.run(
         [sys.executable, "benchmarks/gpu_check.py", "--cpu_smoke", "--out_dir", str(out_dir), *flags],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 

@@ -202,9 +202,7 @@ def test_a_student_cut_from_one_of_two_mpnet_layers_keeps_that_layer_and_the_rel
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["live", "teacher-cache"])
-def test_minilm_student_with_its_own_tokenizer_distils_from_the_mpnet_teacher(
-    world, registry, no_dist_left, cached
-):
+def test_minilm_student_with_its_own_tokenizer_distils_from_the_mpnet_teacher(world, registry, no_dist_left, cached):
     from transformers import AutoConfig, AutoTokenizer
 
     from recipes import distill_glue

@@ -4,13 +4,13 @@ DeepSpeed's own loader."""
 
 import pytest
 import torch
+from test_teacher_sharded import save_split
 
 from ad2_ds import dist
 from ad2_ds.teachers import fill
 from ad2_ds.testing import launch
 
 from conftest import random_batch, tiny_bert
-from test_teacher_sharded import save_split
 
 
 def _write(tmp_path, **tensors):
