@@ -193,14 +193,14 @@ def test_too_large_a_delta_store_fails_before_any_model_loads(
     capsys,
     no_dist_left,  # noqa: F811
 ):
-    from ad2_ds import run
+    from ad2_ds import distill
     from recipes import distill_glue
 
     def no_models(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(run, "_load_models", no_models)
-    monkeypatch.setattr(run, "_load_teacher", no_models)
+    monkeypatch.setattr(distill, "load_models", no_models)
+    monkeypatch.setattr(distill, "load_teacher", no_models)
     data, teacher, ds = fixture_dirs
     argv = _argv(data, teacher, ds, tmp_path / "run", "--ascent", "free", "--free_delta_budget_gb", "1e-6")
     assert distill_glue.main(argv) == 2
