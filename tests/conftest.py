@@ -1,6 +1,8 @@
 """Tiny random-weight models and a tiny WordPiece vocab, built locally: tests never download anything."""
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,3 +236,19 @@ def recipe_rank_loads(rank, world_size, argv):
 
     AutoModelForSequenceClassification.from_pretrained = classmethod(record)
     return distill_glue.main(argv), loaded
+
+
+def write_ds_config(path, **overrides):
+    """ds_configs/zero2.json with ``overrides`` (e.g. train_micro_batch_size_per_gpu=4), written to ``path``."""
+    cfg = json.loads((Path(__file__).resolve().parents[1] / "ds_configs" / "zero2.json").read_text())
+    cfg.update(overrides)
+    Path(path).write_text(json.dumps(cfg))
+    return Path(path)
+
+
+@pytest.fixture
+def world(tmp_path, tiny_vocab):
+    """(tmp_path, a GLUE-format sst2 fixture, a tiny saved teacher, a DeepSpeed JSON at micro-batch 4)."""
+    data = write_glue_fixture(tmp_path / "glue")
+    teacher = save_tiny_teacher(tmp_path / "teacher", tiny_vocab)
+    return tmp_path, data, teacher, write_ds_config(tmp_path / "ds.json", train_micro_batch_size_per_gpu=4)

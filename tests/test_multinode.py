@@ -14,7 +14,7 @@ import pytest
 
 from ad2_ds.dist import find_free_port
 
-from conftest import save_tiny_teacher, write_glue_fixture
+from conftest import save_tiny_teacher, write_ds_config, write_glue_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,10 +27,7 @@ def inputs(tmp_path_factory):
     (tmp / "vocab.txt").write_text("\n".join(SPECIAL + WORDS + [chr(ord("a") + i) for i in range(26)]) + "\n")
     data = write_glue_fixture(tmp / "glue", n_train=16, n_dev=8)
     teacher = save_tiny_teacher(tmp / "teacher", tmp / "vocab.txt", layers=2)
-    cfg = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
-    cfg.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1)
-    ds = tmp / "ds.json"
-    ds.write_text(json.dumps(cfg))
+    ds = write_ds_config(tmp / "ds.json", train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1)
     # Names only: with --no_ssh nothing connects to them; the launcher takes node R's slots from line R.
     hostfile = tmp / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")

@@ -16,7 +16,7 @@ from ad2_ds.perturb import per_example_norm
 from ad2_ds.schedule import RadiusSchedule
 from ad2_ds.teachers.base import TeacherOutput
 
-from conftest import SPECIAL, WORDS, random_batch, save_tiny_teacher, tiny_bert, write_glue_fixture
+from conftest import SPECIAL, WORDS, random_batch, save_tiny_teacher, tiny_bert, write_ds_config, write_glue_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,10 +170,7 @@ def world(tmp_path_factory):
     (tmp / "vocab.txt").write_text("\n".join(SPECIAL + WORDS + [chr(ord("a") + i) for i in range(26)]) + "\n")
     data = write_glue_fixture(tmp / "glue")
     teacher = save_tiny_teacher(tmp / "teacher", tmp / "vocab.txt", layers=2)
-    cfg = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
-    cfg.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2)
-    ds = tmp / "ds.json"
-    ds.write_text(json.dumps(cfg))
+    ds = write_ds_config(tmp / "ds.json", train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2)
     return tmp, data, teacher, ds
 
 
