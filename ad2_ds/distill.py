@@ -74,7 +74,7 @@ def distill(config: RunConfig, prepared: Prepared, teacher_path, callbacks: Sequ
     from .ascent import attach_delta_store
     from .engine import build_engine
     from .objective import AD2Objective
-    from .teachers.factory import TeacherPlacement
+    from .teachers.factory import TeacherPlacement, build_teacher, live_teacher
     from .trainer import train
 
     task, ds_config, setup_seconds = prepared.task, prepared.ds_config, prepared.setup_seconds
@@ -109,12 +109,23 @@ def distill(config: RunConfig, prepared: Prepared, teacher_path, callbacks: Sequ
     setup_seconds["objective_and_engine"], clock = time.perf_counter() - clock, time.perf_counter()
     teacher = live = None
     if cfg.needs_teacher:
-        teacher, live = _build_teacher(
-            config, models, objective, placement, task, train_ds, collator, teacher_path, setup_seconds, clock,
-            report, (dev_sets, test_set, group, layout),
-        )  # fmt: skip
-    else:
-        setup_seconds["teacher"] = time.perf_counter() - clock
+        needs = objective.teacher_needs()
+        if models.source is not None and layout is None:  # tensor-parallel, loaded shard by shard
+            live = live_teacher(None, needs, placement.dtype, placement.tp_size, source=models.source)
+            setup_seconds["teacher_load"], clock = time.perf_counter() - clock, time.perf_counter()
+        data = cache_data(config, models, train_ds, collator, teacher_path)
+        teacher = build_teacher(models.teacher, needs, placement, task.num_labels, data, live=live)
+        if cfg.mixup:
+            from .mixup import MixTeacher
+
+            objective.mix_teacher = MixTeacher(teacher)
+        if models.source is not None:  # never built here: scored through the live or the hosted teacher
+            built, clock = time.perf_counter() - clock, time.perf_counter()
+            through = live if layout is None else teacher
+            report.update(measure_sharded_teacher(models, through, dev_sets, collator, task, group, test_set))
+            setup_seconds["evaluate_teacher_and_latency"] += time.perf_counter() - clock
+            clock = time.perf_counter() - built  # the teacher's setup below counts its build too
+    setup_seconds["teacher"] = time.perf_counter() - clock  # includes building the teacher cache when there is one
 
     out = prepare_output_dir(config, rank, group)
     from .schedule import schedule_callbacks  # ε and η over the run, unless constant
@@ -186,36 +197,6 @@ def _serve(config, task, teacher_path, placement) -> None:
     stats = serve_hosted_teacher(teacher_model, needs, placement, source)
     secs = stats["teacher_seconds"]
     logger.info("teacher rank %d served %s requests in %.1f s", dist.get_rank(), stats["requests"], secs)
-    return None
-
-
-def _build_teacher(config, models, objective, placement, task, train_ds, collator, teacher_path, setup_seconds, clock,
-                   report, eval_context):  # fmt: skip
-    """The run's teacher behind the one interface (live, tensor-parallel, hosted or cached), and the live teacher of a
-    co-located tensor-parallel one (None otherwise). A teacher never built whole here is scored through it, into
-    ``report``; ``setup_seconds`` gets the teacher's setup time (its cache build included)."""
-    from .teachers.factory import build_teacher, live_teacher
-
-    dev_sets, test_set, group, layout = eval_context
-    live = None
-    needs = objective.teacher_needs()
-    if models.source is not None and layout is None:  # tensor-parallel, loaded shard by shard
-        live = live_teacher(None, needs, placement.dtype, placement.tp_size, source=models.source)
-        setup_seconds["teacher_load"], clock = time.perf_counter() - clock, time.perf_counter()
-    data = cache_data(config, models, train_ds, collator, teacher_path)
-    teacher = build_teacher(models.teacher, needs, placement, task.num_labels, data, live=live)
-    if config.objective.mixup:
-        from .mixup import MixTeacher
-
-        objective.mix_teacher = MixTeacher(teacher)
-    if models.source is not None:  # never built here: scored through the live or the hosted teacher
-        built, clock = time.perf_counter() - clock, time.perf_counter()
-        through = live if layout is None else teacher
-        report.update(measure_sharded_teacher(models, through, dev_sets, collator, task, group, test_set))
-        setup_seconds["evaluate_teacher_and_latency"] += time.perf_counter() - clock
-        clock = time.perf_counter() - built  # the teacher's setup below counts its build too
-    setup_seconds["teacher"] = time.perf_counter() - clock  # includes building the teacher cache when there is one
-    return teacher, live
 
 
 def cache_data(config, models: Models, train_ds, collator, teacher_path):
