@@ -236,13 +236,15 @@ class _SlowTeacher(LocalTeacher):
         return super().__call__(batch)
 
 
-def _build_alone(cache_dir):
-    """One job (no process group) building the cache: (did it build, did it wait for another job)."""
+def _build_alone(cache_dir, start_together):
+    """One job (no process group) building the cache: (did it build, did it wait for another job). Both jobs pass
+    ``start_together`` first, so that one process's slower start cannot let it arrive after the other has finished."""
     import contextlib
     import io
 
     model = tiny_bert(num_labels=3)
     printed = io.StringIO()
+    start_together.wait(timeout=120)
     with contextlib.redirect_stdout(printed):
         build_teacher_cache(_SlowTeacher(model), _batches(), cache_dir, _fp(model), num_examples=10)
     out = printed.getvalue()
@@ -255,8 +257,10 @@ def test_two_jobs_building_one_cache_take_turns_and_the_second_reuses_it(tmp_pat
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        jobs = [pool.submit(_build_alone, str(tmp_path)) for _ in range(2)]
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Manager() as manager, ProcessPoolExecutor(2, mp_context=spawn) as pool:
+        start_together = manager.Barrier(2)
+        jobs = [pool.submit(_build_alone, str(tmp_path), start_together) for _ in range(2)]
         results = sorted(job.result(timeout=120) for job in jobs)
     assert results == [(False, True), (True, False)]  # one built; the other waited and built nothing
     model = tiny_bert(num_labels=3)
