@@ -57,6 +57,13 @@ SETTINGS = {
     "pkd": ["--method", "pkd"],
     "paper": ["--method", "ad2-paper"],
     "eda4": ["--method", "kd", "--augment_copies", "4"],
+    # round 3 (issue 20): the default ad2 (ex-l2-abs1's perturbation) with one new option each, and a composition
+    "ad2-clean-grad": ["--method", "ad2", "--ascent", "clean_grad"],  # δ from the clean backward: 6 forward units
+    "ad2-free": ["--method", "ad2", "--ascent", "free"],  # one δ per example carried across epochs: 6 units
+    "ad2-grow": ["--method", "ad2", "--epsilon_schedule", "linear", "--epsilon", "0.25", "--step_size", "0.25"]
+    + ["--epsilon_end", "2"],  # a curriculum radius (CAT-like growth, linear): ε = η from 0.25 to 2
+    "ad2-eda4": ["--method", "ad2", "--augment_copies", "4"],  # AD2 on the originals and their 4 edited copies
+    "kd-mixup": ["--method", "kd", "--mixup_alpha", "0.4"],  # MixKD: teacher-labelled embedding mixup (live teacher)
 }  # fmt: skip
 
 
