@@ -62,6 +62,8 @@ SETTINGS = {
     "ad2-free": ["--method", "ad2", "--ascent", "free"],  # one δ per example carried across epochs: 6 units
     "ad2-grow": ["--method", "ad2", "--epsilon_schedule", "linear", "--epsilon", "0.25", "--step_size", "0.25"]
     + ["--epsilon_end", "2"],  # a curriculum radius (CAT-like growth, linear): ε = η from 0.25 to 2
+    "ad2-eda1": ["--method", "ad2", "--augment_copies", "1"],  # AD2 on the originals and 1 edited copy: 14 units
+    # per sentence and epoch, within kd + EDA x4's 15
     "ad2-eda4": ["--method", "ad2", "--augment_copies", "4"],  # AD2 on the originals and their 4 edited copies
     "kd-mixup": ["--method", "kd", "--mixup_alpha", "0.4"],  # MixKD: teacher-labelled embedding mixup (live teacher)
 }  # fmt: skip
