@@ -242,16 +242,17 @@ def _cell(values: list) -> dict:
             "n": len(values)}  # fmt: skip
 
 
-def test_table(runs: dict, chosen: str, tasks, teachers: dict) -> dict:
+def test_table(runs: dict, chosen: str, tasks, teachers: dict, extra=()) -> dict:
     """After selection, on test: per row and task the median over seeds of the test score (points) with [min, max] and
     the number of seeds, minus kd (median minus kd's median), % of the teacher (the median over the teacher's),
     and the median whole-run seconds; plus the means over ``tasks`` of a row that has every task.
     Rows: the teacher, the baselines (finetune, kd, pkd, kd + EDA, the ε = 0 control), the chosen setting's random
-    control, the chosen setting, the paper's literal preset; those with runs.
+    control, ``extra`` (rows read on test for another question than the selection's, e.g. whether a cheaper ascent
+    stays within the seed spread of the default), the chosen setting, the paper's literal preset; those with runs.
     runs: {setting: {task: [read_run(...) per seed]}} (one dict instead of a list: one seed);
     teachers: {task: {"test": score}}."""
     rows = {"teacher": {t: {"test": round(100 * teachers[t]["test"], 2)} for t in tasks}}
-    order = [*BASELINES, random_control(chosen), chosen, PAPER]
+    order = [*BASELINES, random_control(chosen), *extra, chosen, PAPER]
     for setting in order:
         if setting is None or setting in rows or setting not in runs:
             continue
@@ -388,6 +389,9 @@ def main(argv=None) -> int:
     p.add_argument("--merge_json", nargs="+", default=[], metavar="JSON",
                    help="earlier --json_out files: their runs fill in every (setting, task, seed) that has no run "
                    "directory here (a sweep continued on another machine); a run here always wins")  # fmt: skip
+    p.add_argument("--test_rows", nargs="+", default=[], choices=list(SETTINGS), metavar="SETTING",
+                   help="after the selection, also read these settings on test (rows of the test table; they must be "
+                   "in --settings); they take no part in choosing")  # fmt: skip
     args = p.parse_args(argv)
     failed = []
     if not args.collect_only:
@@ -428,7 +432,7 @@ def main(argv=None) -> int:
     table = teachers = verdict = None
     if chosen is not None:
         teachers = {t: teacher_test({s: runs[s][t][0] for s in args.settings if t in runs.get(s, {})}) for t in done}
-        table = test_table(runs, chosen, done, teachers)
+        table = test_table(runs, chosen, done, teachers, extra=[s for s in args.test_rows if s != chosen])
         verdict = goal(table, chosen, done)
         print_test(table, chosen, done)
         print(f"goal (seeds {args.seeds}, {len(done)} tasks): {verdict}")

@@ -29,14 +29,18 @@ def test_every_setting_is_a_valid_run(setting, tmp_path):
     run = distill_glue.parse_args(flags + ad2_selection.SETTINGS[setting])  # the RunConfig checks itself
     cfg = run.objective
     assert cfg == ad2_selection.run_config_of(setting).objective  # what the cache choice reads is what the run gets
-    baseline = setting in ("kd", "finetune", "pkd", "eda4")
+    baseline = setting in ("kd", "finetune", "pkd", "eda4", "kd-mixup")
     deep = setting == "paper" or "-dkd" in setting
     assert cfg.adversarial == (not baseline) and cfg.deep_kd == deep
     assert cfg.needs_hidden_states == (deep or setting == "pkd") and cfg.needs_attentions == deep
     assert cfg.zero_delta == (setting == "eps0") and cfg.random_direction == setting.endswith("-random")
-    assert (run.data.augment_copies == 4) == (setting == "eda4")
+    assert run.data.augment_copies == {"eda4": 4, "ad2-eda4": 4, "ad2-eda1": 1}.get(setting, 0)
+    assert (cfg.mixup_alpha > 0) == (setting == "kd-mixup")
     cache = ad2_selection.teacher_cache("runs", "trec", setting)  # attention maps are never cached: a live teacher
-    expected = {"pkd": "trec-hidden", "eda4": "trec-eda4", "paper": None}.get(setting, "trec")
+    expected = {"pkd": "trec-hidden", "eda4": "trec-eda4", "ad2-eda4": "trec-eda4", "ad2-eda1": "trec-eda1"}.get(
+        setting, "trec"
+    )
+    expected = None if setting in ("paper", "kd-mixup") else expected  # mixup: the teacher labels mixed points live
     expected = None if "-dkd" in setting else expected
     assert cache == (expected and os.path.join("runs", "cache", expected))
 
@@ -118,6 +122,30 @@ def test_test_split_is_read_only_after_selection_and_never_enters_it(tmp_path, c
         "seconds_vs_kd": 1.0,
     }
     assert "chosen ex-l2-abs1" in capsys.readouterr().out
+
+
+def test_test_rows_are_read_on_test_beside_the_chosen_one_and_never_choose(tmp_path):
+    """--test_rows (a cheaper ascent against the default, say): its row joins the test table before the chosen
+    setting, while the choice stays the dev winner's; without the flag the row is not read."""
+    tasks = ["trec", "movie-polarity"]
+    settings = ["kd", "ex-l2-abs1", "ad2-clean-grad"]
+    dev = {"kd": 0.80, "ex-l2-abs1": 0.82, "ad2-clean-grad": 0.81}
+    test = {"kd": 0.78, "ex-l2-abs1": 0.79, "ad2-clean-grad": 0.795}
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "finetune_results.json").write_text(json.dumps({"test": {"accuracy": 0.80}}))
+    for task in tasks:
+        for s in settings:
+            _write_run(tmp_path / "runs", task, s, dev[s], test[s], teacher)
+    out = tmp_path / "sel.json"
+    argv = ["--collect_only", "--out_dir", str(tmp_path / "runs"), "--json_out", str(out), "--tasks", *tasks]
+    assert ad2_selection.main(argv + ["--settings", *settings]) == 0
+    assert list(json.loads(out.read_text())["test"]["rows"]) == ["teacher", "kd", "ex-l2-abs1"]
+    assert ad2_selection.main(argv + ["--settings", *settings, "--test_rows", "ad2-clean-grad", "ex-l2-abs1"]) == 0
+    result = json.loads(out.read_text())
+    assert result["selection"]["chosen"] == "ex-l2-abs1"
+    assert list(result["test"]["rows"]) == ["teacher", "kd", "ad2-clean-grad", "ex-l2-abs1"]
+    assert result["test"]["rows"]["ad2-clean-grad"]["trec"]["minus_kd"] == 1.5
 
 
 def test_seeds_after_the_first_never_select_and_the_table_is_their_median(tmp_path):
