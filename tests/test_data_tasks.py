@@ -9,7 +9,7 @@ from ad2_ds.data.tasks import GLUE_TASKS, OFFLINE_TASKS, TASKS, TaskSpec, TsvLay
 
 def test_all_tasks_registered():
     assert GLUE_TASKS == ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
-    assert OFFLINE_TASKS == ("movie-polarity", "movie-valence", "trec", "sms-spam")
+    assert OFFLINE_TASKS == ("movie-polarity", "movie-valence", "trec", "sms-spam", "sentiment3")
     assert set(TASKS) == set(GLUE_TASKS) | set(OFFLINE_TASKS)
 
 
@@ -49,6 +49,8 @@ def test_spec_facts():
     assert get_task("cola").main_metric == "matthews_correlation"
     assert not get_task("sst2").is_offline and get_task("trec").is_offline
     assert all(get_task(t).test_split == "test" for t in ("movie-polarity", "movie-valence", "trec", "sms-spam"))
+    assert get_task("sentiment3").label_list == ("negative", "neutral", "positive")
+    assert get_task("sentiment3").test_split == "test" and get_task("sentiment3").is_offline
     assert get_task("sst2").test_split is None
     fields = [f.name for f in dataclasses.fields(TaskSpec)]
     assert fields.index("test_split") == fields.index("hf_name") + 1  # helper 11's identical field sits there too

