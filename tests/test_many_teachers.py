@@ -3,8 +3,10 @@ target, and runs through the run layer on tiny models."""
 
 import json
 import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import tiny_bert
 
@@ -94,3 +96,110 @@ def test_one_teacher_given_twice_as_a_list_is_that_teacher():
     alone = RunConfig(teacher="a", teacher_dtype="bf16", teacher_cache="x")
     assert members[0].teacher_settings() == alone.teacher_settings()
     assert RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_the_mixed_probabilities_are_the_weighted_mean():
+    from ad2_ds.teachers.ensemble import mix_logits, normalized_weights
+
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(5, 3, generator=g) * 4 for _ in range(3)]
+    w, t = normalized_weights((1, 1, 2), 3), 2.0
+    assert w == (0.25, 0.25, 0.5)
+    mixed = mix_logits(logits, w, t)
+    want = sum(wm * torch.softmax(z / t, -1) for wm, z in zip(w, logits))
+    assert torch.allclose(torch.softmax(mixed / t, -1), want, atol=1e-6)
+    reg = [torch.randn(5, 1, generator=g) for _ in range(2)]  # regression: the weighted mean of the predictions
+    assert torch.allclose(mix_logits(reg, (0.3, 0.7)), 0.3 * reg[0] + 0.7 * reg[1])
+    # ours: a member sure of an example weighs more there; the per-example weights still sum to 1
+    sure, unsure = torch.tensor([[9.0, 0.0]]), torch.tensor([[0.0, 0.1]])
+    conf = torch.softmax(mix_logits([sure, unsure], (0.5, 0.5), 1.0, "confidence"), -1)
+    mean = torch.softmax(mix_logits([sure, unsure], (0.5, 0.5), 1.0), -1)
+    assert conf[0, 0] > mean[0, 0] and torch.allclose(conf.sum(-1), torch.ones(1))
+
+
+def test_a_member_of_weight_zero_is_not_run_and_one_member_is_handed_on_bit_for_bit():
+    from ad2_ds.teachers.base import TeacherOutput
+    from ad2_ds.teachers.ensemble import EnsembleTeacher
+
+    calls = []
+
+    class Fixed:
+        def __init__(self, name, z):
+            self.name, self.z = name, z
+
+        def __call__(self, batch):
+            calls.append(self.name)
+            return TeacherOutput(logits=self.z)
+
+    z = torch.randn(4, 2)
+    ensemble = EnsembleTeacher([Fixed("a", z), Fixed("b", -z)], weights=(1, 0), temperature=2.0)
+    assert ensemble({}).logits is z and calls == ["a"]
+    assert set(ensemble.member_seconds()) == {"teacher0", "teacher1"}
+
+
+def _weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "best" / "model.safetensors"))
+
+
+def test_weights_1_0_reproduce_the_single_teacher_run_bit_for_bit(world, tiny_vocab, no_dist_left, capsys):
+    from recipes import distill_glue
+
+    tmp, data, teacher, ds = world
+    t2 = _second_teacher(tmp / "teacher2", tiny_vocab)
+    common = ["--method", "ad2", "--epsilon", "1e-3"]
+    assert distill_glue.main(_argv(data, ds, tmp / "one", "--teacher", str(teacher), *common)) == 0
+    two = ["--teacher", str(teacher), "--teacher", str(t2), "--teacher_weights", "1,0", *common]
+    assert distill_glue.main(_argv(data, ds, tmp / "two", *two)) == 0
+    one, both = (json.loads((tmp / run / "results.json").read_text()) for run in ("one", "two"))
+    assert both["history"] == one["history"] and both["best"] == one["best"]
+    a, b = _weights(tmp / "one"), _weights(tmp / "two")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    members = both["teacher_members"]
+    assert [m["weight"] for m in members] == [1.0, 0.0] and [m["teacher"] for m in members] == [str(teacher), str(t2)]
+    assert members[0]["teacher_scores"] == one["teacher_scores"] == both["teacher_scores"]  # the ensemble is member 0
+    assert members[0]["train_seconds"] > 0 and members[1]["train_seconds"] == 0  # weight 0: never run
+    # equal weights: a target of its own, trained through KD, the ascent and the ADA term
+    assert distill_glue.main(_argv(data, ds, tmp / "mix", *two[:4], *common)) == 0
+    mix = json.loads((tmp / "mix" / "results.json").read_text())
+    assert [m["weight"] for m in mix["teacher_members"]] == [0.5, 0.5]
+    assert all(m["train_seconds"] > 0 for m in mix["teacher_members"])
+    c = _weights(tmp / "mix")
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # another target, another student
+    table = capsys.readouterr().out
+    assert "ensemble" in table and f"teacher 2 (weight 0.50): dev accuracy" in table and str(t2) in table
+
+
+def test_each_member_is_put_in_the_datas_label_order(tmp_path, tiny_vocab, no_dist_left):
+    """Member B is member A with its outputs reordered and named so: aligned by name, the run on B alone (weights 0,1)
+    is the run on A alone, bit for bit."""
+    from transformers import AutoModelForSequenceClassification, BertTokenizer
+
+    from recipes import distill_glue
+    from test_custom_run import _argv as custom_argv
+    from test_custom_run import named_teacher, write_csv
+
+    files = {s: write_csv(tmp_path / "d" / f"{s}.csv", n, seed) for s, n, seed in (("train", 24, 0), ("dev", 9, 1))}
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({**json.loads((Path(__file__).parents[1] / "ds_configs" / "zero2.json").read_text()),
+                              "train_micro_batch_size_per_gpu": 4}))  # fmt: skip
+    a = named_teacher(tmp_path / "a", tiny_vocab, ("neg", "neu", "pos"))
+    model = AutoModelForSequenceClassification.from_pretrained(a)
+    order = [2, 0, 1]  # B's output i is A's output order[i]: pos, neg, neu
+    with torch.no_grad():
+        model.classifier.weight.copy_(model.classifier.weight[order].clone())
+        model.classifier.bias.copy_(model.classifier.bias[order].clone())
+    model.config.id2label = {i: ("neg", "neu", "pos")[j] for i, j in enumerate(order)}
+    model.config.label2id = {n: i for i, n in model.config.id2label.items()}
+    b = tmp_path / "b"
+    model.save_pretrained(b)
+    BertTokenizer(vocab=str(tiny_vocab)).save_pretrained(b)
+    assert distill_glue.main(custom_argv(files, ds, tmp_path / "alone", "--teacher", str(a))) == 0
+    extra = ["--teacher", str(a), "--teacher", str(b), "--teacher_weights", "0,1"]
+    assert distill_glue.main(custom_argv(files, ds, tmp_path / "via_b", *extra)) == 0
+    alone, via_b = (json.loads((tmp_path / r / "results.json").read_text()) for r in ("alone", "via_b"))
+    assert via_b["history"] == alone["history"]
+    assert via_b["teacher_members"][1]["teacher_scores"] == alone["teacher_scores"]
+    wa, wb = _weights(tmp_path / "alone"), _weights(tmp_path / "via_b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
