@@ -168,17 +168,17 @@ def test_weights_1_0_reproduce_the_single_teacher_run_bit_for_bit(world, tiny_vo
     c = _weights(tmp / "mix")
     assert any(not torch.equal(a[k], c[k]) for k in a)  # another target, another student
     table = capsys.readouterr().out
-    assert "ensemble" in table and f"teacher 2 (weight 0.50): dev accuracy" in table and str(t2) in table
+    assert "ensemble" in table and "teacher 2 (weight 0.50): dev accuracy" in table and str(t2) in table
 
 
 def test_each_member_is_put_in_the_datas_label_order(tmp_path, tiny_vocab, no_dist_left):
     """Member B is member A with its outputs reordered and named so: aligned by name, the run on B alone (weights 0,1)
     is the run on A alone, bit for bit."""
+    from test_custom_run import _argv as custom_argv
+    from test_custom_run import named_teacher, write_csv
     from transformers import AutoModelForSequenceClassification, BertTokenizer
 
     from recipes import distill_glue
-    from test_custom_run import _argv as custom_argv
-    from test_custom_run import named_teacher, write_csv
 
     files = {s: write_csv(tmp_path / "d" / f"{s}.csv", n, seed) for s, n, seed in (("train", 24, 0), ("dev", 9, 1))}
     ds = tmp_path / "ds.json"
