@@ -203,3 +203,66 @@ def test_each_member_is_put_in_the_datas_label_order(tmp_path, tiny_vocab, no_di
     assert via_b["teacher_members"][1]["teacher_scores"] == alone["teacher_scores"]
     wa, wb = _weights(tmp_path / "alone"), _weights(tmp_path / "via_b")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_each_member_keeps_its_own_cache_and_a_new_member_leaves_the_others_cache_alone(world, tiny_vocab,
+                                                                                        no_dist_left):  # fmt: skip
+    from recipes import distill_glue
+
+    tmp, data, teacher, ds = world
+    t2 = _second_teacher(tmp / "teacher2", tiny_vocab)
+    c1, c2 = tmp / "cache1", tmp / "cache2"
+    assert distill_glue.main(_argv(data, ds, tmp / "one", "--teacher", str(teacher), "--teacher_cache", str(c1))) == 0
+    stamp1 = (c1 / "meta.json").stat().st_mtime_ns
+    both = ["--teacher", str(teacher), "--teacher", str(t2), "--teacher_cache", f"{c1},{c2}", "--method", "kd"]
+    assert distill_glue.main(_argv(data, ds, tmp / "a", *both)) == 0
+    assert (c1 / "meta.json").stat().st_mtime_ns == stamp1  # the first member's cache is reused as it was
+    stamp2 = (c2 / "meta.json").stat().st_mtime_ns
+    assert distill_glue.main(_argv(data, ds, tmp / "b", *both)) == 0
+    assert [(c / "meta.json").stat().st_mtime_ns for c in (c1, c2)] == [stamp1, stamp2]  # all cached: none rebuilt
+    a, b = (json.loads((tmp / r / "results.json").read_text()) for r in "ab")
+    assert a["history"] == b["history"]
+    wa, wb = _weights(tmp / "a"), _weights(tmp / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_deep_kd_takes_the_hidden_states_of_the_named_member(world, tiny_vocab, no_dist_left):
+    from recipes import distill_glue
+
+    tmp, data, teacher, ds = world
+    t2 = _second_teacher(tmp / "teacher2", tiny_vocab)
+    argv = ["--teacher", str(teacher), "--teacher", str(t2), "--method", "ad2-dkd", "--hidden_source_teacher", "1"]
+    assert distill_glue.main(_argv(data, ds, tmp / "dkd", *argv)) == 0
+    results = json.loads((tmp / "dkd" / "results.json").read_text())
+    assert results["run_config"]["hidden_source_teacher"] == "1" and len(results["teacher_members"]) == 2
+
+
+def test_a_tensor_parallel_member_beside_a_whole_one_on_two_ranks(world, tiny_vocab, no_dist_left):
+    """teacher_tp_size 2,1: member 1 is loaded shard by shard and run over both ranks, member 2 whole on each;
+    each member's dev scores are those it gets on one rank."""
+    import os
+    import subprocess
+    import sys
+
+    from ad2_ds.dist import find_free_port
+    from recipes import distill_glue
+
+    tmp, data, teacher, ds = world
+    t2 = _second_teacher(tmp / "teacher2", tiny_vocab)
+    both = ["--teacher", str(teacher), "--teacher", str(t2), "--method", "ad2", "--epsilon", "1e-3"]
+    assert distill_glue.main(_argv(data, ds, tmp / "one_rank", *both)) == 0
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(root))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+           str(find_free_port()), str(root / "recipes" / "distill_glue.py"),
+           *_argv(data, ds, tmp / "two_ranks", *both, "--teacher_tp_size", "2,1")]  # fmt: skip
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    one, two = (json.loads((tmp / r / "results.json").read_text()) for r in ("one_rank", "two_ranks"))
+    assert two["world_size"] == 2 and two["teacher_load"] == "shards"
+    for m in range(2):
+        got, want = two["teacher_members"][m]["teacher_scores"], one["teacher_members"][m]["teacher_scores"]
+        assert got == pytest.approx(want, abs=1e-6), m
+    assert two["teacher_scores"] == pytest.approx(one["teacher_scores"], abs=1e-6)  # the ensemble's
