@@ -231,7 +231,7 @@ def test_deep_kd_takes_the_hidden_states_of_the_named_member(world, tiny_vocab, 
 
     tmp, data, teacher, ds = world
     t2 = _second_teacher(tmp / "teacher2", tiny_vocab)
-    argv = ["--teacher", str(teacher), "--teacher", str(t2), "--method", "ad2-dkd", "--hidden_source_teacher", "1"]
+    argv = ["--teacher", str(teacher), "--teacher", str(t2), "--method", "ad2-paper", "--hidden_source_teacher", "1"]
     assert distill_glue.main(_argv(data, ds, tmp / "dkd", *argv)) == 0
     results = json.loads((tmp / "dkd" / "results.json").read_text())
     assert results["run_config"]["hidden_source_teacher"] == "1" and len(results["teacher_members"]) == 2
