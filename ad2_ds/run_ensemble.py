@@ -34,7 +34,11 @@ def build_ensemble(config, paths, models, objective, task, data, eval_context, f
     members, source = config.member_configs(), hidden_source_index(config)
     needs = objective.teacher_needs()
     teacher0, live0, report0 = first
-    built, scorers, reports = [teacher0], [live0 or live_teacher(models.teacher, TeacherNeeds())], [report0]
+    built, scorers, reports = (
+        [teacher0],
+        [live0 or live_teacher(models.teacher, TeacherNeeds(), members[0].teacher_dtype)],
+        [report0],
+    )
     with torch.random.fork_rng(devices=[]):  # the later members draw nothing from the run's RNG
         for m, member in enumerate(members[1:], start=1):
             clock = time.perf_counter()
