@@ -65,10 +65,14 @@ def check_members(config) -> None:
             "then runs co-located (live, tensor-parallel with --teacher_tp_size, or cached with --teacher_cache)",
         )  # fmt: skip
     caches = config.teacher_cache
-    if isinstance(caches, str) or (caches and len(set(caches)) < n):
+    folders = [c for c in caches if c] if isinstance(caches, tuple) else [caches] if caches else []
+    if isinstance(caches, str) or len(set(folders)) < len(folders):
         raise ConfigError(
-            "teacher_cache", f"with {n} teachers needs one folder per teacher (DIR,DIR): each is its own"
-        )
+            "teacher_cache", f"with {n} teachers needs one folder per teacher (DIR,DIR; an empty entry: that "
+            "member runs live): each is its own",
+        )  # fmt: skip
+    if isinstance(caches, tuple) and not folders:
+        put("teacher_cache", None)
     if (cfg.needs_hidden_states or cfg.needs_attentions) and config.hidden_source_teacher is None:
         raise ConfigError(
             "hidden_source_teacher", f"is needed: method {cfg.method} matches a teacher's hidden states and {n} "
@@ -96,7 +100,7 @@ def member_configs(config):
         return (config,)
 
     def pick(value, m):
-        return value[m] if isinstance(value, tuple) else value
+        return (value[m] or None) if isinstance(value, tuple) else value  # "" in --teacher_cache ,DIR: live
 
     return tuple(
         dataclasses.replace(

@@ -96,6 +96,10 @@ def test_one_teacher_given_twice_as_a_list_is_that_teacher():
     alone = RunConfig(teacher="a", teacher_dtype="bf16", teacher_cache="x")
     assert members[0].teacher_settings() == alone.teacher_settings()
     assert RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    from ad2_ds.run_config import _per_member
+
+    live_and_cached = RunConfig(teacher=("a", "b"), teacher_cache=_per_member(str)(",y"))  # an empty entry: live
+    assert [m.teacher_cache for m in live_and_cached.member_configs()] == [None, "y"]
 
 
 def test_the_mixed_probabilities_are_the_weighted_mean():
@@ -224,6 +228,10 @@ def test_each_member_keeps_its_own_cache_and_a_new_member_leaves_the_others_cach
     assert a["history"] == b["history"]
     wa, wb = _weights(tmp / "a"), _weights(tmp / "b")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    live_first = [*both[:4], "--teacher_cache", f",{c2}", "--method", "kd"]  # member 1 live, member 2 cached
+    assert distill_glue.main(_argv(data, ds, tmp / "c", *live_first)) == 0
+    assert [(c / "meta.json").stat().st_mtime_ns for c in (c1, c2)] == [stamp1, stamp2]
+    assert len(json.loads((tmp / "c" / "results.json").read_text())["teacher_members"]) == 2
 
 
 def test_deep_kd_takes_the_hidden_states_of_the_named_member(world, tiny_vocab, no_dist_left):
