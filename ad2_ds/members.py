@@ -11,7 +11,7 @@ import dataclasses
 
 from .config import ConfigError
 
-PER_MEMBER = ("teacher_tp_size", "teacher_dtype", "teacher_cache")
+PER_MEMBER = ("teacher_tp_size", "teacher_dtype", "teacher_cache", "teacher_seed")
 
 
 def check_members(config) -> None:

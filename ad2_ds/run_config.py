@@ -225,9 +225,11 @@ class RunConfig:
         teacher_outputs=False,
     )
     teacher_epochs: int = setting(3, "epochs when fine-tuning the default teacher")
-    teacher_seed: int = setting(
-        42, "seed when fine-tuning the default teacher (fixed, so a sweep over --seed shares one teacher)"
-    )
+    teacher_seed: Union[int, Tuple[int, ...]] = setting(
+        42, "seed when fine-tuning the default teacher (fixed, so a sweep over --seed shares one teacher); several "
+        "teachers: one for all or one per teacher (42,43: two default teachers of different seeds)",
+        parse=_per_member(int),
+    )  # fmt: skip
     trust_remote_code: bool = setting(False)
     progress: bool = setting(True, negate=True, teacher_outputs=False)
     progress_label: str = setting("", "the progress bar's label; '': distill (fine-tune for method finetune)",
@@ -299,7 +301,9 @@ class RunConfig:
         d["data"] = DataConfig(**d.get("data", {}))
         d["objective"] = AD2Config(**d.get("objective", {}))
         d["teacher_ranks"] = tuple(d.get("teacher_ranks", ()))
-        for name in ("teacher", "teacher_tp_size", "teacher_dtype", "teacher_cache", "teacher_weights"):
+        from .members import PER_MEMBER
+
+        for name in ("teacher", "teacher_weights", *PER_MEMBER):
             if isinstance(d.get(name), list):  # JSON has no tuples
                 d[name] = tuple(d[name])
         return cls(**d)

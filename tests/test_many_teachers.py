@@ -274,3 +274,27 @@ def test_a_tensor_parallel_member_beside_a_whole_one_on_two_ranks(world, tiny_vo
         got, want = two["teacher_members"][m]["teacher_scores"], one["teacher_members"][m]["teacher_scores"]
         assert got == pytest.approx(want, abs=1e-6), m
     assert two["teacher_scores"] == pytest.approx(one["teacher_scores"], abs=1e-6)  # the ensemble's
+
+
+def test_two_default_teachers_of_different_seeds_are_two_members(monkeypatch, tmp_path):
+    """--teacher all-MiniLM-L6-v2 twice with --teacher_seed 42,43: each member is fine-tuned here in its own cache
+    folder, and run_distillation hands distill one path per member."""
+    from ad2_ds import default_teacher, run
+    from ad2_ds.data.tasks import get_task
+    from recipes import distill_glue
+
+    monkeypatch.setenv("AD2_CACHE", str(tmp_path))
+    base = ["--deepspeed", str(Path(__file__).resolve().parents[1] / "ds_configs" / "zero2.json")]
+    config = distill_glue.parse_args(
+        base + ["--teacher", "all-MiniLM-L6-v2", "--teacher", "all-MiniLM-L6-v2", "--teacher_seed", "42,43"]
+    )
+    members = config.member_configs()
+    dirs = [default_teacher.default_teacher_dir(m, get_task("movie-polarity")) for m in members]
+    assert dirs[0].endswith("-s42") and dirs[1].endswith("-s43")
+    tuned, handed = [], {}
+    monkeypatch.setattr(run, "prepare", lambda c: type("P", (), {"task": get_task("movie-polarity"), "ds_config": {}}))
+    monkeypatch.setattr(default_teacher, "ensure_default_teacher", lambda m, t, d: tuned.append(m.teacher_seed) or
+                        f"teacher-s{m.teacher_seed}")  # fmt: skip
+    monkeypatch.setattr(run, "distill", lambda c, p, path, cb: handed.setdefault("path", path))
+    run.run_distillation(config)
+    assert tuned == [42, 43] and handed["path"] == ("teacher-s42", "teacher-s43")
