@@ -118,6 +118,8 @@ def check_member_labels(config, task) -> None:
     members' tokenizers against the first one's, before any model loads; raises ValueError naming the member."""
     if len(config.teachers) <= 1:
         return
+    if task.num_labels == 1 and config.teacher_rule != "mean":
+        raise ConfigError("teacher_rule", f"{config.teacher_rule} is for classification: {task.name} is a regression")
     from transformers import AutoConfig, AutoTokenizer
 
     from .base_teachers import base_teacher

@@ -82,6 +82,18 @@ def test_bad_ensemble_settings_get_one_line_before_any_model_loads(world, tiny_v
     assert not (tmp / "out" / "results.json").exists()
 
 
+def test_the_confidence_rule_is_refused_for_a_regression_before_any_model_loads():
+    from types import SimpleNamespace
+
+    from ad2_ds.config import ConfigError
+    from ad2_ds.run_checks import check_member_labels
+    from ad2_ds.run_config import RunConfig
+
+    config = RunConfig(teacher=("a", "b"), teacher_rule="confidence")
+    with pytest.raises(ConfigError, match="stsb is a regression"):
+        check_member_labels(config, SimpleNamespace(num_labels=1, name="stsb"))
+
+
 def test_one_teacher_given_twice_as_a_list_is_that_teacher():
     from ad2_ds.run_config import RunConfig
 
@@ -184,7 +196,8 @@ def test_each_member_is_put_in_the_datas_label_order(tmp_path, tiny_vocab, no_di
 
     from recipes import distill_glue
 
-    files = {s: write_csv(tmp_path / "d" / f"{s}.csv", n, seed) for s, n, seed in (("train", 24, 0), ("dev", 9, 1))}
+    splits = (("train", 24, 0), ("dev", 9, 1), ("test", 9, 2))
+    files = {s: write_csv(tmp_path / "d" / f"{s}.csv", n, seed) for s, n, seed in splits}
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({**json.loads((Path(__file__).parents[1] / "ds_configs" / "zero2.json").read_text()),
                               "train_micro_batch_size_per_gpu": 4}))  # fmt: skip
@@ -199,12 +212,15 @@ def test_each_member_is_put_in_the_datas_label_order(tmp_path, tiny_vocab, no_di
     b = tmp_path / "b"
     model.save_pretrained(b)
     BertTokenizer(vocab=str(tiny_vocab)).save_pretrained(b)
-    assert distill_glue.main(custom_argv(files, ds, tmp_path / "alone", "--teacher", str(a))) == 0
-    extra = ["--teacher", str(a), "--teacher", str(b), "--teacher_weights", "0,1"]
+    test = ["--test_file", str(files["test"])]
+    assert distill_glue.main(custom_argv(files, ds, tmp_path / "alone", "--teacher", str(a), *test)) == 0
+    extra = ["--teacher", str(a), "--teacher", str(b), "--teacher_weights", "0,1", *test]
     assert distill_glue.main(custom_argv(files, ds, tmp_path / "via_b", *extra)) == 0
     alone, via_b = (json.loads((tmp_path / r / "results.json").read_text()) for r in ("alone", "via_b"))
     assert via_b["history"] == alone["history"]
-    assert via_b["teacher_members"][1]["teacher_scores"] == alone["teacher_scores"]
+    for key in ("teacher_scores", "teacher_test"):  # member B's, and the ensemble's (B alone), are A's
+        assert via_b["teacher_members"][1][key] == via_b[key] == alone[key], key
+    assert via_b["test"] == alone["test"] and set(via_b["teacher_members"][0]["teacher_test"]) == set(alone["test"])
     wa, wb = _weights(tmp_path / "alone"), _weights(tmp_path / "via_b")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
