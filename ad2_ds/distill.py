@@ -9,6 +9,7 @@ needs one and names none. The default teacher's own fine-tune is a :func:`run_wi
 ``finetune``), so this module never imports :mod:`ad2_ds.default_teacher`.
 """
 
+import dataclasses
 import logging
 import os
 import time
@@ -19,7 +20,7 @@ from .flags import as_flat_dict
 from .run_checks import check_run, check_teacher_labels
 from .run_config import RUN_FILES, RunConfig
 from .run_data import has_labelled_test, load_data, make_collator, tokenize_splits
-from .run_models import Models, fit_positions, load_models, load_teacher
+from .run_models import cache_data, fit_positions, load_models, load_teacher
 from .run_report import (
     engine_facts,
     measure,
@@ -78,7 +79,9 @@ def distill(config: RunConfig, prepared: Prepared, teacher_path, callbacks: Sequ
     from .trainer import train
 
     task, ds_config, setup_seconds = prepared.task, prepared.ds_config, prepared.setup_seconds
-    cfg = config.objective
+    cfg, whole, paths = config.objective, config, teacher_path
+    if isinstance(teacher_path, tuple):  # several teachers: the first is built as a lone teacher is, then the others
+        config, teacher_path = config.member_configs()[0], teacher_path[0]
     layout = group = None  # hosted layout: the student trains on `group`, the teacher ranks only serve
     if config.teacher_ranks:
         from .dist import split_ranks
@@ -91,7 +94,8 @@ def distill(config: RunConfig, prepared: Prepared, teacher_path, callbacks: Sequ
         return _serve(config, task, teacher_path, placement)
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     models = load_models(config, task, teacher_path)
-    config = fit_positions(config, models)
+    config, fitted = fit_positions(config, models), config
+    whole = config if whole is fitted else dataclasses.replace(whole, data=config.data)  # the lengths fitted
     tokenized, truncated = tokenize_splits(config, prepared.splits, models, group)
     collator = make_collator(models)
     train_ds, dev_sets = tokenized["train"], {split: tokenized[split] for split in task.dev_splits}
@@ -125,12 +129,20 @@ def distill(config: RunConfig, prepared: Prepared, teacher_path, callbacks: Sequ
             report.update(measure_sharded_teacher(models, through, dev_sets, collator, task, group, test_set))
             setup_seconds["evaluate_teacher_and_latency"] += time.perf_counter() - clock
             clock = time.perf_counter() - built  # the teacher's setup below counts its build too
+        if whole is not config:
+            from .run_ensemble import build_ensemble
+
+            first = (teacher, live, report)
+            teacher, ensemble_report = build_ensemble(whole, paths, models, objective, task, (train_ds, collator),
+                                                      (dev_sets, test_set, group), first)  # fmt: skip
+            report.update(ensemble_report)
     setup_seconds["teacher"] = time.perf_counter() - clock  # includes building the teacher cache when there is one
 
     out = prepare_output_dir(config, rank, group)
     from .schedule import schedule_callbacks  # ε and η over the run, unless constant
 
     callbacks = [*schedule_callbacks(cfg, objective, engine, group), *callbacks]
+    config = whole  # the run's own config from here on (several teachers: all of them)
     try:
         state = train(
             engine,
@@ -161,7 +173,7 @@ def distill(config: RunConfig, prepared: Prepared, teacher_path, callbacks: Sequ
         "ds_config": ds_config,
         "world_size": world_size,
         "teacher_ranks": list(config.teacher_ranks),
-        "teacher": teacher_path,
+        "teacher": list(paths) if isinstance(paths, tuple) else paths,
         "teacher_load": teacher_load(live, models, layout),
         "student_init": config.student or config.student_layers,
         "train_examples": len(train_ds),  # with augment_copies N: (N + 1) x the originals
@@ -173,6 +185,10 @@ def distill(config: RunConfig, prepared: Prepared, teacher_path, callbacks: Sequ
         **store_report,
         **report,
     }
+    if hasattr(teacher, "member_seconds"):
+        from .run_ensemble import member_seconds
+
+        member_seconds(teacher, results)
     test = score_test_split(task, tokenized, collator, out, config, engine, group)
     if test is not None:
         results["test"] = test
@@ -197,24 +213,6 @@ def _serve(config, task, teacher_path, placement) -> None:
     stats = serve_hosted_teacher(teacher_model, needs, placement, source)
     secs = stats["teacher_seconds"]
     logger.info("teacher rank %d served %s requests in %.1f s", dist.get_rank(), stats["requests"], secs)
-
-
-def cache_data(config, models: Models, train_ds, collator, teacher_path):
-    """What a teacher cache is built from and keyed by (None without --teacher_cache)."""
-    if not config.teacher_cache:
-        return None
-    from .teachers.cache import fingerprint, state_dict_hash
-    from .teachers.factory import CacheData
-
-    parts = {
-        "teacher": state_dict_hash(models.teacher) if config.teacher_tp_size == 1 else teacher_path,
-        "tokenizer": fingerprint(sorted(models.tok_t.get_vocab().items())),
-        "task": config.data.task,
-        "data": getattr(train_ds, "_fingerprint", None) or fingerprint(train_ds["idx"]),
-        "max_length": config.data.max_seq_length,
-        "settings": config.teacher_settings(),
-    }
-    return CacheData(train_ds, collator, parts, config.rebuild_teacher_cache, config.progress)
 
 
 def prepare_output_dir(config, rank, group) -> str:

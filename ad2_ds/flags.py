@@ -11,6 +11,8 @@ Fields are declared with :func:`setting` (``setting(64, "max tokens per example"
 - ``negate``: the flag is a switch that sets a True-by-default field to False (``--no_progress``).
 - ``parse``: turns the flag's string into the field's value (``parse_ranks`` for ``"0,1"``).
 - ``choices``: the allowed values.
+- ``repeat``: the flag may be given several times (``--teacher A --teacher B``): one value is the value itself, as
+  before; several are a tuple.
 - ``cli``: False for a field with no flag.
 - ``teacher_outputs``: False when the value cannot change what the teacher returns for the training data, so runs
   differing only in it may share one teacher cache (the sweep's cache sharing reads this; the default is True, the
@@ -77,6 +79,8 @@ def add_flags(parser: argparse.ArgumentParser, cls) -> None:
             continue
         kind = meta.get("parse") or (tp if tp in (int, float, str) else str)
         extra = {"metavar": meta["metavar"]} if "metavar" in meta else {}
+        if meta.get("repeat"):
+            extra["action"] = "append"
         parser.add_argument(name, type=kind, default=default, choices=meta.get("choices"), help=help_text, **extra)
 
 
@@ -96,6 +100,8 @@ def from_flags(cls, values: Dict[str, Any], **overrides):
             is_switch = tp is bool
             if is_switch:
                 value = (not value) if (f.metadata.get("negate") or f.default is True) else bool(value)
+            elif f.metadata.get("repeat") and isinstance(value, list):
+                value = value[0] if len(value) == 1 else tuple(value)
             if value is not None or f.default is None:
                 kwargs[f.name] = value
     return cls(**kwargs)

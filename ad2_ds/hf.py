@@ -11,6 +11,7 @@
         data_collator=DataCollator(tokenizer.pad_token_id),
         compute_metrics=metrics_function(spec),
         teacher=teacher,                                 # a model, or any ad2_ds Teacher (DeepSpeedTeacher, cache)
+                                                         # or several: [teacher_a, teacher_b], teacher_weights=[2, 1]
         ad2_config=AD2Config(method="ad2"),
     )
     trainer.train(); trainer.save_model("runs/x/student")   # AutoModelForSequenceClassification.from_pretrained
@@ -74,6 +75,25 @@ def as_teacher(teacher, cfg: AD2Config, device=None) -> Optional[Teacher]:
             device=device,
         )
     raise TypeError(f"teacher must be None, an nn.Module or an ad2_ds Teacher, got {type(teacher).__name__}")
+
+
+def as_ensemble(teachers, cfg: AD2Config, weights=None, hidden_source=None, device=None):
+    """Several teachers (models or :class:`Teacher` objects) as one :class:`~ad2_ds.teachers.EnsembleTeacher` whose
+    target is the weighted mean of their probabilities at ``cfg.temperature``; deep KD takes the hidden states of the
+    member at index ``hidden_source`` (required then). Raises ValueError for bad weights or a missing source."""
+    from .teachers.ensemble import EnsembleTeacher, normalized_weights
+
+    teachers = list(teachers)
+    normalized_weights(weights, len(teachers))  # the count, signs and sum checked before anything is wrapped
+    if (cfg.needs_hidden_states or cfg.needs_attentions) and hidden_source is None and len(teachers) > 1:
+        raise ValueError(
+            f"method {cfg.method!r} matches hidden states: name the member that gives them (hidden_source)"
+        )
+    if cfg.mixup:
+        raise ValueError("mixup labels new mixed points with one live teacher: pass one teacher, not a list")
+    logits_only = AD2Config(method="kd", temperature=cfg.temperature)
+    members = [as_teacher(t, cfg if m == hidden_source else logits_only, device) for m, t in enumerate(teachers)]
+    return EnsembleTeacher(members, weights, cfg.temperature, hidden_source=hidden_source)
 
 
 def _config_of(teacher):
@@ -152,7 +172,9 @@ def metrics_function(spec):
 class AD2Trainer(Trainer):
     """A ``transformers.Trainer`` whose training loss is AD2's (see the module docstring).
 
-    teacher: None (methods without a teacher), a HF model, or an ad2_ds :class:`Teacher`.
+    teacher: None (methods without a teacher), a HF model, or an ad2_ds :class:`Teacher`; or a list of them, an
+        ensemble (:func:`as_ensemble`) weighted by ``teacher_weights`` (default equal), the hidden states (deep KD)
+        taken from member ``hidden_source``.
     ad2_config: the objective's settings (default ``AD2Config()``, method "ad2").
     teacher_config: the teacher's HF config, when ``teacher`` is a Teacher that carries none (a cache) and the
         widths differ (deep-KD projections are built from it).
@@ -160,14 +182,19 @@ class AD2Trainer(Trainer):
     """
 
     def __init__(self, model=None, args=None, *rest, teacher=None, ad2_config: Optional[AD2Config] = None,
-                 teacher_config=None, **kwargs):  # fmt: skip
+                 teacher_config=None, teacher_weights=None, hidden_source=None, **kwargs):  # fmt: skip
         if model is None:
             raise ValueError("AD2Trainer needs model= (the student)")
         cfg = ad2_config or AD2Config()
         require_constant(cfg, "AD2Trainer")  # a schedule is a callback of ad2_ds.trainer's loop
         device = args.device if args is not None else None  # sets up accelerate's state (and the process group)
         repair_cpu_deepspeed_state()
-        self.teacher = as_teacher(teacher, cfg, device)
+        if isinstance(teacher, (list, tuple)):
+            self.teacher = as_ensemble(teacher, cfg, teacher_weights, hidden_source, device)
+            if teacher_config is None:
+                teacher_config = _config_of(teacher[hidden_source or 0])
+        else:
+            self.teacher = as_teacher(teacher, cfg, device)
         if teacher_config is None and teacher is not None:
             teacher_config = _config_of(teacher)
         self.objective = AD2Objective(model, cfg, teacher_config=teacher_config if cfg.needs_teacher else None)

@@ -50,5 +50,7 @@ def run_distillation(config: RunConfig, callbacks: Sequence = ()) -> Optional[di
     from .default_teacher import teacher_for_run
 
     # the one given ready, or a packaged base (MiniLM without --teacher, or all-mpnet-base-v2) fine-tuned on first use
-    teacher_path = teacher_for_run(config, prepared.task, prepared.ds_config)
+    # several teachers: each member's path (a tuple), a packaged base fine-tuned here as a lone teacher is
+    paths = tuple(teacher_for_run(m, prepared.task, prepared.ds_config) for m in config.member_configs())
+    teacher_path = paths if len(paths) > 1 else paths[0]
     return distill(config, prepared, teacher_path, callbacks)

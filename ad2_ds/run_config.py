@@ -28,6 +28,23 @@ def _ranks(spec) -> Tuple[int, ...]:
     return parse_ranks(spec)
 
 
+def _per_member(kind):
+    """``"2"`` -> 2 (one value for every teacher); ``"1,2"`` -> (1, 2) (one per teacher, in --teacher order)."""
+
+    def parse(spec):
+        values = tuple(kind(v.strip()) for v in str(spec).split(","))
+        return values[0] if len(values) == 1 else values
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error line
+    return parse
+
+
+def _floats(spec) -> Tuple[float, ...]:
+    if isinstance(spec, str):
+        spec = spec.split(",")
+    return tuple(float(v) for v in spec)
+
+
 def _columns(spec) -> Tuple[str, ...]:
     """``"q,doc"`` (or a list) -> ``("q", "doc")``: one text column, or two for sentence pairs."""
     if isinstance(spec, str):
@@ -149,11 +166,24 @@ class RunConfig:
         None, "DeepSpeed JSON (the transformers convention); in Python also the JSON as a dict", teacher_outputs=False
     )
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    teacher: Optional[str] = setting(
-        None,
-        "fine-tuned teacher (path or hub name), or all-mpnet-base-v2 to fine-tune that here; default: "
-        "all-MiniLM-L6-v2 fine-tuned here",
-    )
+    teacher: Union[str, Tuple[str, ...], None] = setting(
+        None, "fine-tuned teacher (path or hub name), or all-mpnet-base-v2 to fine-tune that here; repeat the flag "
+        "for an ensemble (--teacher A --teacher B); default: all-MiniLM-L6-v2 fine-tuned here", repeat=True,
+        metavar="PATH",
+    )  # fmt: skip
+    teacher_weights: Tuple[float, ...] = setting(
+        (), "several teachers: their weights in the target, in --teacher order (W,W); default: equal",
+        parse=_floats, metavar="W,W", teacher_outputs=False,
+    )  # fmt: skip
+    teacher_rule: str = setting(
+        "mean", "several teachers: mean (weighted mean of the probabilities at the temperature) or confidence "
+        "(ours: per example, weights x each member's max probability)", choices=("mean", "confidence"),
+        teacher_outputs=False,
+    )  # fmt: skip
+    hidden_source_teacher: Optional[str] = setting(
+        None, "several teachers with deep KD: the member (its --teacher value, or its 0-based index) whose hidden "
+        "states the student matches", teacher_outputs=False,
+    )  # fmt: skip
     student: Optional[str] = setting(None, "student checkpoint (path or hub name); or use --student_layers")
     student_layers: str = setting("bottom:3", "student made from the teacher: skip|top|bottom:N")
     objective: AD2Config = dataclasses.field(default_factory=AD2Config)
@@ -163,7 +193,9 @@ class RunConfig:
     output_dir: str = setting("runs/distill", teacher_outputs=False)
     overwrite_output_dir: bool = setting(False, teacher_outputs=False)
     resume: bool = setting(False, "continue the run in --output_dir from its last checkpoint", teacher_outputs=False)
-    teacher_tp_size: int = setting(1)
+    teacher_tp_size: Union[int, Tuple[int, ...]] = setting(
+        1, "tensor-parallel degree; several teachers: one for all or one per teacher (1,2)", parse=_per_member(int)
+    )
     teacher_ranks: Tuple[int, ...] = setting(
         (),
         "hosted layout: the teacher runs on these ranks (tensor-parallel over them when several) and serves the "
@@ -171,8 +203,14 @@ class RunConfig:
         parse=_ranks,
         metavar="R,R",
     )
-    teacher_dtype: str = setting("fp32", choices=("fp32", "bf16", "fp16"))
-    teacher_cache: Optional[str] = setting(None, "precompute teacher outputs once into DIR and read them")
+    teacher_dtype: Union[str, Tuple[str, ...]] = setting(
+        "fp32", "fp32, bf16 or fp16; several teachers: one for all or one per teacher (fp32,bf16)",
+        parse=_per_member(str), metavar="DTYPE",
+    )  # fmt: skip
+    teacher_cache: Union[str, Tuple[str, ...], None] = setting(
+        None, "precompute teacher outputs once into DIR and read them; several teachers: one DIR per teacher "
+        "(DIR,DIR; each member's cache is its own)", parse=_per_member(str),
+    )  # fmt: skip
     rebuild_teacher_cache: bool = setting(
         False, "build --teacher_cache anew even when one is there (stale or damaged)", teacher_outputs=False
     )
@@ -187,9 +225,11 @@ class RunConfig:
         teacher_outputs=False,
     )
     teacher_epochs: int = setting(3, "epochs when fine-tuning the default teacher")
-    teacher_seed: int = setting(
-        42, "seed when fine-tuning the default teacher (fixed, so a sweep over --seed shares one teacher)"
-    )
+    teacher_seed: Union[int, Tuple[int, ...]] = setting(
+        42, "seed when fine-tuning the default teacher (fixed, so a sweep over --seed shares one teacher); several "
+        "teachers: one for all or one per teacher (42,43: two default teachers of different seeds)",
+        parse=_per_member(int),
+    )  # fmt: skip
     trust_remote_code: bool = setting(False)
     progress: bool = setting(True, negate=True, teacher_outputs=False)
     progress_label: str = setting("", "the progress bar's label; '': distill (fine-tune for method finetune)",
@@ -200,10 +240,15 @@ class RunConfig:
             object.__setattr__(self, "teacher_ranks", _ranks(self.teacher_ranks))
         cfg, ranks = self.objective, self.teacher_ranks
         self.train_config()  # checks the epochs and the evaluation interval
-        if self.teacher_tp_size < 1:
-            raise ConfigError("teacher_tp_size", f"must be >= 1, got {self.teacher_tp_size}")
-        if self.teacher_dtype not in ("fp32", "bf16", "fp16"):
-            raise ConfigError("teacher_dtype", f"{self.teacher_dtype!r}: use fp32, bf16 or fp16")
+        from .members import check_members
+
+        check_members(self)  # several teachers (and the per-member flags' counts); one: normalized as before
+        for tp in self.teacher_tp_size if isinstance(self.teacher_tp_size, tuple) else (self.teacher_tp_size,):
+            if tp < 1:
+                raise ConfigError("teacher_tp_size", f"must be >= 1, got {tp}")
+        for dtype in self.teacher_dtype if isinstance(self.teacher_dtype, tuple) else (self.teacher_dtype,):
+            if dtype not in ("fp32", "bf16", "fp16"):
+                raise ConfigError("teacher_dtype", f"{dtype!r}: use fp32, bf16 or fp16")
         if not self.student:
             strategy, _, n = self.student_layers.partition(":")
             if strategy not in ("skip", "top", "bottom") or not n.isdigit() or int(n) < 1:
@@ -256,7 +301,24 @@ class RunConfig:
         d["data"] = DataConfig(**d.get("data", {}))
         d["objective"] = AD2Config(**d.get("objective", {}))
         d["teacher_ranks"] = tuple(d.get("teacher_ranks", ()))
+        from .members import PER_MEMBER
+
+        for name in ("teacher", "teacher_weights", *PER_MEMBER):
+            if isinstance(d.get(name), list):  # JSON has no tuples
+                d[name] = tuple(d[name])
         return cls(**d)
+
+    @property
+    def teachers(self) -> Tuple[str, ...]:
+        """The given teachers in --teacher order (empty: the default teacher, or none)."""
+        return self.teacher if isinstance(self.teacher, tuple) else (self.teacher,) if self.teacher else ()
+
+    def member_configs(self) -> Tuple["RunConfig", ...]:
+        """Several teachers: one single-teacher RunConfig per member (its own path, tp size, dtype, cache), so a
+        member's cache is keyed exactly as a run with that teacher alone keys it. One teacher: ``(self,)``."""
+        from .members import member_configs
+
+        return member_configs(self)
 
     def teacher_settings(self) -> dict:
         """The settings that can change the teacher's outputs (field metadata ``teacher_outputs``), except the

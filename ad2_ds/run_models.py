@@ -192,3 +192,21 @@ def fit_positions(config, models: Models):
         "--max_seq_length %d exceeds the models' %d positions: using %d", length, max_positions, max_positions
     )
     return dataclasses.replace(config, data=dataclasses.replace(config.data, max_seq_length=max_positions))
+
+
+def cache_data(config, models: Models, train_ds, collator, teacher_path):
+    """What a teacher cache is built from and keyed by (None without --teacher_cache)."""
+    if not config.teacher_cache:
+        return None
+    from .teachers.cache import fingerprint, state_dict_hash
+    from .teachers.factory import CacheData
+
+    parts = {
+        "teacher": state_dict_hash(models.teacher) if config.teacher_tp_size == 1 else teacher_path,
+        "tokenizer": fingerprint(sorted(models.tok_t.get_vocab().items())),
+        "task": config.data.task,
+        "data": getattr(train_ds, "_fingerprint", None) or fingerprint(train_ds["idx"]),
+        "max_length": config.data.max_seq_length,
+        "settings": config.teacher_settings(),
+    }
+    return CacheData(train_ds, collator, parts, config.rebuild_teacher_cache, config.progress)

@@ -113,7 +113,8 @@ def summary_table(task, results) -> str:
     task: the run's TaskSpec, or None to read its name and main metric from ``results``."""
     metric = task.main_metric if task is not None else results["main_metric"]
     name = task.name if task is not None else results["task"]
-    rows = [("", "teacher", "student")]
+    members = results.get("teacher_members") or []
+    rows = [("", "ensemble" if members else "teacher", "student")]
     t_score = results.get("teacher_scores", {}).get(metric)
     rows.append((f"dev {metric}", _fmt(t_score), _fmt(results["best"].get(metric))))
     if "test" in results:
@@ -125,6 +126,7 @@ def summary_table(task, results) -> str:
     )
     width = max(len(r[0]) for r in rows) + 2
     lines = [f"{r[0]:<{width}}{r[1]:>12}{r[2]:>12}" for r in rows]
+    lines += _member_lines(members, metric, "test" in results)
     out = results["run_config"]["output_dir"]
     lines.append(f"{name}, method {results['method']}: best student saved to {os.path.join(out, 'best')}")
     lines.append(
@@ -132,6 +134,19 @@ def summary_table(task, results) -> str:
         f"waited {results['teacher_wait_seconds']:.1f} s on the teacher"
     )
     return "\n".join(lines)
+
+
+def _member_lines(members, metric, with_test) -> list:
+    """Several teachers: each member's weight, dev (and test) score and seconds of teacher work in training."""
+    lines = []
+    for m, member in enumerate(members, start=1):
+        test = f", test {metric} {_fmt(member.get('teacher_test', {}).get(metric))}" if with_test else ""
+        lines.append(
+            f"teacher {m} (weight {member['weight']:.2f}): dev {metric} "
+            f"{_fmt(member.get('teacher_scores', {}).get(metric))}{test}, {member.get('train_seconds', 0.0):.1f} s "
+            f"in training, {member['teacher']}"
+        )
+    return lines
 
 
 def _fmt(x, digits=4):

@@ -320,3 +320,44 @@ def test_distill_trainer_takes_the_objective_flags_of_distill_glue():
     assert (cfg.method, cfg.perturb_norm, cfg.epsilon) == ("ad2-dkd", "token-l2", 0.05)
     assert cfg.step_size == AD2Config(method="ad2-dkd").step_size  # unset flags keep the preset's values
     assert distill_trainer.parse(base)[-1] == AD2Config()  # no flag: the ad2 preset, as before
+
+
+def test_ad2_trainer_takes_several_teachers_with_weights(tmp_path, tiny_tokenizer):
+    """A list of teachers is one ensemble target; weights 1,0 train the student of the first teacher alone, bit for
+    bit; bad weights and deep KD without a named source are refused before training."""
+    from ad2_ds.hf import AD2Trainer
+    from ad2_ds.teachers import EnsembleTeacher
+
+    spec, enc, teacher, _ = tiny_setup(tmp_path, tiny_tokenizer)
+    other = tiny_bert(num_labels=3, seed=5)
+    cfg = AD2Config(method="ad2", epsilon=1e-2, step_size=1e-2)
+
+    def trained(out, **kw):
+        student = tiny_bert(num_labels=3, seed=2, hidden=16, layers=1, heads=2)
+        collator = DataCollator(tiny_tokenizer.pad_token_id)
+        trainer = AD2Trainer(model=student, args=training_args(tmp_path / out), train_dataset=enc["train"],
+                             data_collator=collator, ad2_config=cfg, **kw)  # fmt: skip
+        trainer.train()
+        return trainer, student.state_dict()
+
+    _, alone = trained("alone", teacher=teacher)
+    trainer, first_only = trained("first", teacher=[teacher, other], teacher_weights=[1, 0])
+    assert isinstance(trainer.teacher, EnsembleTeacher) and trainer.teacher.weights == (1.0, 0.0)
+    assert all(torch.equal(alone[k], first_only[k]) for k in alone)
+    trainer, mixed = trained("mixed", teacher=[teacher, other])
+    assert trainer.teacher.weights == (0.5, 0.5) and all(s > 0 for s in trainer.teacher.seconds)
+    assert any(not torch.equal(alone[k], mixed[k]) for k in alone)
+    student = tiny_bert(num_labels=3, seed=2)
+    for kw, message in (
+        (dict(teacher=[teacher, other], teacher_weights=[1, -1]), ">= 0"),
+        (dict(teacher=[teacher, other], teacher_weights=[1]), "1 teacher weights for 2"),
+        (dict(teacher=[teacher, other], ad2_config=AD2Config(method="ad2-paper")), "hidden_source"),
+    ):
+        kw = {"ad2_config": cfg, **kw}
+        with pytest.raises(ValueError, match=message):
+            AD2Trainer(model=student, args=training_args(tmp_path / "bad"), train_dataset=enc["train"], **kw)
+    trainer = AD2Trainer(model=student, args=training_args(tmp_path / "dkd", max_steps=2), train_dataset=enc["train"],
+                         data_collator=DataCollator(tiny_tokenizer.pad_token_id), teacher=[teacher, other],
+                         hidden_source=1, ad2_config=AD2Config(method="ad2-paper"))  # fmt: skip
+    trainer.train()
+    assert trainer.teacher.output_hidden_states and trainer.state.log_history[0]["ad2/hidden"] > 0

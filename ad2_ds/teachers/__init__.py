@@ -3,6 +3,7 @@
 from .base import Teacher, TeacherOutput, teacher_inputs
 from .cache import CachedTeacher, build_teacher_cache, fingerprint
 from .ds_inference import DeepSpeedTeacher
+from .ensemble import EnsembleTeacher
 from .hosted import HostedTeacher, serve_teacher
 from .local import LocalTeacher
 from .stream import StreamingTeacher
@@ -13,6 +14,7 @@ __all__ = [
     "teacher_inputs",
     "LocalTeacher",
     "DeepSpeedTeacher",
+    "EnsembleTeacher",
     "CachedTeacher",
     "build_teacher_cache",
     "fingerprint",

@@ -60,7 +60,10 @@ class StreamingTeacher:
         if inline is None:
             from .ds_inference import DeepSpeedTeacher
 
-            inline = isinstance(teacher, DeepSpeedTeacher) and teacher.tp_size > 1 and torch.cuda.is_available()
+            members = getattr(teacher, "members", [teacher])  # an ensemble is inline when one of its members is
+            inline = torch.cuda.is_available() and any(
+                isinstance(m, DeepSpeedTeacher) and m.tp_size > 1 for m in members
+            )
         self.teacher, self.device, self.inline = teacher, device, inline
         self._it = iter(batches)
         self.wait_seconds = 0.0

@@ -1,0 +1,115 @@
+"""The several-teacher settings of a :class:`~ad2_ds.run_config.RunConfig` (``--teacher A --teacher B``).
+
+    check_members(config)                      # in RunConfig.__post_init__: counts, weights, hosted, deep KD source
+    members = config.member_configs()          # one single-teacher RunConfig per member
+    index = hidden_source_index(config)        # the member that gives hidden states (deep KD), or None
+
+Kept apart from :mod:`ad2_ds.run_ensemble` (which builds the ensemble) so the config imports nothing of the run layer.
+"""
+
+import dataclasses
+
+from .config import ConfigError
+
+PER_MEMBER = ("teacher_tp_size", "teacher_dtype", "teacher_cache", "teacher_seed")
+
+
+def check_members(config) -> None:
+    """The several-teacher settings checked together (a :class:`ConfigError` names the flag); lists become tuples
+    and a one-value tuple its value, so one teacher is the run it always was."""
+
+    def put(name, value):
+        object.__setattr__(config, name, value)
+
+    if isinstance(config.teacher, list):
+        put("teacher", tuple(config.teacher))
+    if isinstance(config.teacher, tuple) and len(config.teacher) <= 1:
+        put("teacher", config.teacher[0] if config.teacher else None)
+    n = max(len(config.teachers), 1)
+    for name in PER_MEMBER:
+        value = getattr(config, name)
+        if isinstance(value, list):
+            value = tuple(value)
+        if isinstance(value, tuple):
+            if len(value) == 1:
+                value = value[0]
+            elif len(value) != n:
+                raise ConfigError(
+                    name, f"has {len(value)} values for {n} teacher(s): give one value for all, or one per --teacher"
+                )
+        put(name, value)
+    put("teacher_weights", tuple(float(w) for w in config.teacher_weights))
+    if config.teacher_weights:
+        from .teachers.ensemble import normalized_weights
+
+        try:
+            normalized_weights(config.teacher_weights, n)
+        except ValueError as e:
+            raise ConfigError("teacher_weights", str(e)) from None
+    if config.teacher_rule not in ("mean", "confidence"):
+        raise ConfigError("teacher_rule", f"{config.teacher_rule!r}: use mean or confidence")
+    if n == 1:
+        if config.hidden_source_teacher is not None:
+            raise ConfigError("hidden_source_teacher", "names a member of several teachers: with one, drop it")
+        return
+    cfg = config.objective
+    if cfg.mixup:
+        raise ConfigError(
+            "mixup", f"labels new mixed points with one live teacher, and {n} teachers are given: use one"
+        )
+    if not cfg.needs_teacher:
+        raise ConfigError("teacher", f"is given {n} times but method {cfg.method} uses no teacher: give one at most")
+    if config.teacher_ranks:
+        raise ConfigError(
+            "teacher_ranks", "(the hosted layout) is not supported with several teachers yet: drop it, each member "
+            "then runs co-located (live, tensor-parallel with --teacher_tp_size, or cached with --teacher_cache)",
+        )  # fmt: skip
+    caches = config.teacher_cache
+    folders = [c for c in caches if c] if isinstance(caches, tuple) else [caches] if caches else []
+    if isinstance(caches, str) or len(set(folders)) < len(folders):
+        raise ConfigError(
+            "teacher_cache", f"with {n} teachers needs one folder per teacher (DIR,DIR; an empty entry: that "
+            "member runs live): each is its own",
+        )  # fmt: skip
+    if isinstance(caches, tuple) and not folders:
+        put("teacher_cache", None)
+    if (cfg.needs_hidden_states or cfg.needs_attentions) and config.hidden_source_teacher is None:
+        raise ConfigError(
+            "hidden_source_teacher", f"is needed: method {cfg.method} matches a teacher's hidden states and {n} "
+            "teachers are given; name the member that gives them (its --teacher value or its 0-based index)",
+        )  # fmt: skip
+    if config.hidden_source_teacher is not None:
+        hidden_source_index(config)
+
+
+def hidden_source_index(config):
+    """The member index named by ``hidden_source_teacher`` (None when not set)."""
+    name, teachers = config.hidden_source_teacher, config.teachers
+    if name is None:
+        return None
+    if name in teachers:
+        return teachers.index(name)
+    if str(name).isdigit() and int(name) < len(teachers):
+        return int(name)
+    raise ConfigError("hidden_source_teacher", f"{name!r} is none of the teachers {list(teachers)} nor an index")
+
+
+def member_configs(config):
+    """One single-teacher RunConfig per member (see :meth:`ad2_ds.run_config.RunConfig.member_configs`)."""
+    if len(config.teachers) <= 1:
+        return (config,)
+
+    def pick(value, m):
+        return (value[m] or None) if isinstance(value, tuple) else value  # "" in --teacher_cache ,DIR: live
+
+    return tuple(
+        dataclasses.replace(
+            config,
+            teacher=path,
+            teacher_weights=(),
+            teacher_rule="mean",
+            hidden_source_teacher=None,
+            **{name: pick(getattr(config, name), m) for name in PER_MEMBER},
+        )  # fmt: skip
+        for m, path in enumerate(config.teachers)
+    )
