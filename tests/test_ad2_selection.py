@@ -5,6 +5,7 @@ import os
 
 import ad2_selection  # benchmarks/ is on pytest's pythonpath
 import pytest
+import torch
 
 
 def test_summary_differences_and_medians_in_points():
@@ -34,12 +35,12 @@ def test_every_setting_is_a_valid_run(setting, tmp_path):
     assert cfg.adversarial == (not baseline) and cfg.deep_kd == deep
     assert cfg.needs_hidden_states == (deep or setting == "pkd") and cfg.needs_attentions == deep
     assert cfg.zero_delta == (setting == "eps0") and cfg.random_direction == setting.endswith("-random")
-    assert run.data.augment_copies == {"eda4": 4, "ad2-eda4": 4, "ad2-eda1": 1}.get(setting, 0)
+    copies = {"eda4": 4, "ad2-eda4": 4, "ad2-eda1": 1, "ad2-eda1-random": 1}.get(setting, 0)
+    assert run.data.augment_copies == copies
     assert (cfg.mixup_alpha > 0) == (setting == "kd-mixup")
     cache = ad2_selection.teacher_cache("runs", "trec", setting)  # attention maps are never cached: a live teacher
-    expected = {"pkd": "trec-hidden", "eda4": "trec-eda4", "ad2-eda4": "trec-eda4", "ad2-eda1": "trec-eda1"}.get(
-        setting, "trec"
-    )
+    expected = {"pkd": "trec-hidden", "eda4": "trec-eda4", "ad2-eda4": "trec-eda4", "ad2-eda1": "trec-eda1"}
+    expected = (expected | {"ad2-eda1-random": "trec-eda1"}).get(setting, "trec")
     expected = None if setting in ("paper", "kd-mixup") else expected  # mixup: the teacher labels mixed points live
     expected = None if "-dkd" in setting else expected
     assert cache == (expected and os.path.join("runs", "cache", expected))
@@ -120,7 +121,14 @@ def test_test_split_is_read_only_after_selection_and_never_enters_it(tmp_path, c
         "reached": False,  # 2 tasks, the rule asks for 3 of 4 at +1.0
         "min_seeds": 1,
         "seconds_vs_kd": 1.0,
+        # round 3: no kd + EDA x4 row here, so no comparison with it; kd leaves 2 points to the teacher on each task
+        # and the chosen setting closes 1 of them
+        "mean_minus_eda4": None,
+        "gap_closed": {"trec": 0.5, "movie-polarity": 0.5},
+        "ahead_of_eda4": False,
+        "units": {"per_step": 7, "per_sentence_epoch": 7},  # ex-l2-abs1: the default ad2's K = 1 step
     }
+    assert rows["kd"]["units"] == {"per_step": 3, "per_sentence_epoch": 3}
     assert "chosen ex-l2-abs1" in capsys.readouterr().out
 
 
@@ -230,3 +238,51 @@ def test_merge_json_fills_in_runs_recorded_elsewhere_and_a_run_here_wins(tmp_pat
     without = tmp_path / "alone.json"
     assert ad2_selection.main(base + ["--out_dir", str(tmp_path / "here"), "--json_out", str(without)]) == 0
     assert json.loads(without.read_text())["test"]["rows"]["ex-l2-abs1"]["trec"]["n"] == 1
+
+
+@pytest.mark.parametrize("setting", list(ad2_selection.SETTINGS))
+def test_forward_units_are_what_the_step_counts(setting):
+    """The units column of the tables is arithmetic (ad2_selection.forward_units); step_cost's hooks count the same
+    setting's passes on a tiny student, one plain step with a fixed teacher output (MixKD's teacher: a tiny one)."""
+    from ad2_ds import TeacherOutput
+    from ad2_ds.ascent import attach_delta_store
+    from ad2_ds.mixup import MixTeacher
+    from ad2_ds.objective import AD2Objective
+    from ad2_ds.teachers import LocalTeacher
+
+    import step_cost  # benchmarks/ is on pytest's pythonpath
+    from conftest import random_batch, tiny_bert
+
+    run = ad2_selection.run_config_of(setting)
+    cfg = run.objective
+    student, teacher = tiny_bert(seed=0).train(), tiny_bert(seed=1, layers=3)
+    batch = random_batch() | {"idx": torch.arange(4)}
+    with torch.no_grad():
+        out = teacher(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")},
+                      output_hidden_states=True, output_attentions=True)  # fmt: skip
+    target = TeacherOutput(out.logits * 10, out.hidden_states, out.attentions)
+    objective = AD2Objective(student, cfg, teacher_config=teacher.config)
+    attach_delta_store(objective, batch)
+    if cfg.mixup:
+        objective.mix_teacher = MixTeacher(LocalTeacher(teacher))
+    counter = step_cost.PassCounter(student)
+    objective(batch, target)["loss"].backward()
+    units = ad2_selection.forward_units(setting)
+    assert counter.snapshot()["units"] == units["per_step"]
+    assert units["per_sentence_epoch"] == units["per_step"] * (1 + run.data.augment_copies)
+
+
+def test_every_run_of_a_sweep_gets_its_teacher_and_student_flags(tmp_path, monkeypatch):
+    """--teacher / --student / --student_layers (the MPNet rows) reach every run's command line after the setting's
+    flags; without them the recipe's defaults stand."""
+    import argparse
+
+    calls = []
+    monkeypatch.setattr(ad2_selection.subprocess, "call", lambda argv, **kw: calls.append(argv) or 0)
+    base = {"out_dir": str(tmp_path), "deepspeed": "ds.json", "seed": 42}
+    mpnet = {"teacher": "all-mpnet-base-v2", "student": None, "student_layers": "skip:6"}
+    assert ad2_selection.run_one(argparse.Namespace(**base, **mpnet), "trec", "kd") == 0
+    assert calls[0][-6:] == ["--method", "kd", "--teacher", "all-mpnet-base-v2", "--student_layers", "skip:6"]
+    calls.clear()
+    assert ad2_selection.run_one(argparse.Namespace(**base), "sms-spam", "kd") == 0
+    assert calls[0][-2:] == ["--method", "kd"] and "--teacher" not in calls[0]
