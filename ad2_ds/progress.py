@@ -10,6 +10,8 @@ adversarial term (``ada``) and samples/s, so the line fits 120 columns; every ot
 statistics, ...) goes to the DeepSpeed monitor (:class:`ad2_ds.trainer.MonitorLog`: CSV / TensorBoard / wandb).
 """
 
+import shutil
+import sys
 import time
 from typing import Dict, Iterable, Optional
 
@@ -18,6 +20,18 @@ import torch
 from .checkpoint import TrainState
 
 POSTFIX_TERMS = ("loss", "ada")  # the terms the bar shows; the monitor gets them all
+MAX_COLUMNS = 120
+
+
+def bar_width(file=None, ncols: Optional[int] = None) -> int:
+    """The bar's width: ``ncols`` if given, else the terminal's capped at 120, and 120 for a file or a pipe (tqdm
+    alone would print a log file's line as wide as its rate and postfix make it)."""
+    if ncols:
+        return ncols
+    stream = file if file is not None else sys.stderr
+    if hasattr(stream, "isatty") and stream.isatty():
+        return min(shutil.get_terminal_size((MAX_COLUMNS, 24)).columns, MAX_COLUMNS)
+    return MAX_COLUMNS
 
 
 def postfix(losses: Dict[str, torch.Tensor], samples_per_second: float) -> Dict[str, str]:
@@ -40,7 +54,7 @@ class ProgressBar:
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total_micro_steps, initial=self.initial, desc=self.label, unit="batch",
-                        dynamic_ncols=self.ncols is None, ncols=self.ncols, file=self.file)  # fmt: skip
+                        ncols=bar_width(self.file, self.ncols), file=self.file)  # fmt: skip
 
     def on_micro_step(self, state: TrainState, losses: Dict[str, torch.Tensor]) -> None:
         self.bar.update(1)
@@ -62,4 +76,4 @@ def progress_iter(items: Iterable, label: str, total: Optional[int] = None, show
         return items
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=label, total=total, unit="batch", leave=False, dynamic_ncols=True)
+    return tqdm(items, desc=label, total=total, unit="batch", leave=False, ncols=bar_width())

@@ -92,3 +92,23 @@ def test_every_other_term_still_goes_to_the_monitor():
     names = {name for name, _, _ in engine.monitor.events}
     terms = {k for k in LOSSES if "/" not in k}
     assert {f"train/{k}" for k in terms} | {"eval/accuracy"} == names  # ce, kd, the delta statistics: all of them
+
+
+def test_a_log_file_line_fits_120_columns_however_fast_the_run(monkeypatch):
+    """No terminal (a log file, a pipe): tqdm alone prints the line as wide as its rates make it (125 columns at a
+    million samples/s); the bar is capped at 120 and shrinks its meter instead, the postfix kept whole."""
+    import time
+
+    now = time.perf_counter()
+    monkeypatch.setattr(time, "perf_counter", lambda: now + 1.0)  # 1,234,567 samples in 1 s: the widest rate
+    out = io.StringIO()
+    bar = ProgressBar("teacher fine-tune", log_steps=1, t_start=now, initial=12_345, file=out)
+    state = TrainState()
+    bar.on_train_start(state, total_micro_steps=37_500)
+    state.samples, state.micro_step_in_epoch = 1_234_567, 1
+    bar.on_micro_step(state, {k: torch.tensor(v) for k, v in LOSSES.items()})
+    bar.bar.refresh()
+    lines = _lines(out.getvalue())
+    bar.on_train_end(state)
+    assert max(len(ln) for ln in lines) <= 120, [len(ln) for ln in lines]
+    assert lines[-1].rstrip().endswith("samples/s=1234567.0]"), lines[-1]
