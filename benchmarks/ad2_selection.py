@@ -90,10 +90,8 @@ def forward_units(setting: str) -> dict:
     cfg = run.objective
     units = 3  # the clean forward and its backward
     if cfg.adversarial:
-        if cfg.zero_delta:
-            units += 3  # δ = 0: the ascent is skipped, the adversarial forward and its backward remain
-        elif cfg.ascent != "kl":
-            units += 3  # clean_grad / free: δ comes without an input-only backward
+        if cfg.zero_delta or cfg.ascent != "kl":  # δ = 0 (no ascent), clean_grad / free (δ without an input-only
+            units += 3  # backward): the adversarial forward and its backward
         elif cfg.perturbation == "smart":
             units += 2 * cfg.pga_steps + 3  # from noise: every step a forward and an input-only backward
         else:  # the first gradient from the clean graph (fast_pga, no random start), each further step 2

@@ -39,8 +39,8 @@ def test_every_setting_is_a_valid_run(setting, tmp_path):
     assert run.data.augment_copies == copies
     assert (cfg.mixup_alpha > 0) == (setting == "kd-mixup")
     cache = ad2_selection.teacher_cache("runs", "trec", setting)  # attention maps are never cached: a live teacher
-    expected = {"pkd": "trec-hidden", "eda4": "trec-eda4", "ad2-eda4": "trec-eda4", "ad2-eda1": "trec-eda1"}
-    expected = (expected | {"ad2-eda1-random": "trec-eda1"}).get(setting, "trec")
+    expected = {"pkd": "trec-hidden", "eda4": "trec-eda4", "ad2-eda4": "trec-eda4", "ad2-eda1": "trec-eda1",
+                "ad2-eda1-random": "trec-eda1"}.get(setting, "trec")  # fmt: skip
     expected = None if setting in ("paper", "kd-mixup") else expected  # mixup: the teacher labels mixed points live
     expected = None if "-dkd" in setting else expected
     assert cache == (expected and os.path.join("runs", "cache", expected))

@@ -20,9 +20,9 @@ def _lines(text):
     return [ln for ln in text.replace("\r", "\n").split("\n") if ln.strip()]
 
 
-def _render(label, ncols):
+def _render(label, ncols, t_start=0.0):
     out = io.StringIO()
-    bar = ProgressBar(label, log_steps=1, t_start=0.0, initial=12_345, file=out, ncols=ncols)
+    bar = ProgressBar(label, log_steps=1, t_start=t_start, initial=12_345, file=out, ncols=ncols)
     state = TrainState()
     bar.on_train_start(state, total_micro_steps=37_500)
     state.samples, state.micro_step_in_epoch = 1_234_567, 1
@@ -101,14 +101,6 @@ def test_a_log_file_line_fits_120_columns_however_fast_the_run(monkeypatch):
 
     now = time.perf_counter()
     monkeypatch.setattr(time, "perf_counter", lambda: now + 1.0)  # 1,234,567 samples in 1 s: the widest rate
-    out = io.StringIO()
-    bar = ProgressBar("teacher fine-tune", log_steps=1, t_start=now, initial=12_345, file=out)
-    state = TrainState()
-    bar.on_train_start(state, total_micro_steps=37_500)
-    state.samples, state.micro_step_in_epoch = 1_234_567, 1
-    bar.on_micro_step(state, {k: torch.tensor(v) for k, v in LOSSES.items()})
-    bar.bar.refresh()
-    lines = _lines(out.getvalue())
-    bar.on_train_end(state)
+    lines = _render("teacher fine-tune", None, t_start=now)
     assert max(len(ln) for ln in lines) <= 120, [len(ln) for ln in lines]
     assert lines[-1].rstrip().endswith("samples/s=1234567.0]"), lines[-1]
