@@ -312,6 +312,37 @@ def split_ranks(teacher_ranks: Sequence[int]) -> HostedLayout:
     return HostedLayout(role, teachers, students, teacher_group, student_group, link_group, mp_group)
 
 
+def split_member_ranks(groups: Sequence[Sequence[int]]) -> Tuple[Optional[HostedLayout], ...]:
+    """Several teachers, each member hosted on ranks of its own (``groups[m]``; empty: member m runs co-located on
+    the student ranks): one :class:`HostedLayout` per hosted member (None for a co-located one), all sharing the
+    student group, each with its own teacher group and link group (its teacher ranks and every student rank), so one
+    member's traffic and collectives never meet another's. A collective: every rank calls it with the same groups.
+    A layout's role is "teacher" on its member's ranks, "student" on the student ranks, "other" on another member's.
+    """
+    world, rank = get_world_size(), get_rank()
+    hosted = sorted(int(r) for g in groups for r in g)
+    check_teacher_ranks(hosted, world)
+    students = tuple(r for r in range(world) if r not in hosted)
+    members = [tuple(sorted(int(r) for r in g)) for g in groups]
+    for g in members:
+        if g:
+            assign_teacher_ranks(g, students)  # raises on an uneven split
+    teacher_groups = [tdist.new_group(list(g)) if g else None for g in members]
+    student_group = tdist.new_group(list(students))
+    links = [tdist.new_group(sorted(set(g) | set(students))) if g else None for g in members]
+    mp_group = None
+    for s in students:
+        g = tdist.new_group([s])
+        if s == rank:
+            mp_group = g
+    role = "student" if rank in students else None
+    return tuple(
+        HostedLayout(role or ("teacher" if rank in g else "other"), g, students, tg, student_group, link, mp_group)
+        if g else None
+        for g, tg, link in zip(members, teacher_groups, links)
+    )  # fmt: skip
+
+
 class StudentGroupMPU:
     """The ``mpu`` that makes ``deepspeed.initialize(..., mpu=StudentGroupMPU(layout))`` train on the student ranks
     only: data parallel over ``student_group``, no model parallelism (a group of this rank alone; DeepSpeed's

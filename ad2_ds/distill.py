@@ -56,8 +56,9 @@ def prepare(config: RunConfig) -> Prepared:
     task, splits = load_data(config.data)
     check_teacher_labels(config, task)
     from .ascent import check_ascent  # ascent free: one rank, and its δ store fits in memory
+    from .members import hosted_ranks
 
-    check_ascent(config, splits, int(os.environ.get("WORLD_SIZE", "1")) - len(config.teacher_ranks))
+    check_ascent(config, splits, int(os.environ.get("WORLD_SIZE", "1")) - len(hosted_ranks(config)))
     return Prepared(ds_config, task, splits, {"load_and_augment_data": time.perf_counter() - clock})
 
 
@@ -83,7 +84,21 @@ def distill(config: RunConfig, prepared: Prepared, teacher_path, callbacks: Sequ
     if isinstance(teacher_path, tuple):  # several teachers: the first is built as a lone teacher is, then the others
         config, teacher_path = config.member_configs()[0], teacher_path[0]
     layout = group = None  # hosted layout: the student trains on `group`, the teacher ranks only serve
-    if config.teacher_ranks:
+    layouts = ()  # several teachers, some hosted: one layout per member (None: co-located)
+    from .members import hidden_source_index, rank_groups
+
+    if whole is not config and any(rank_groups(whole)):
+        from .dist import split_member_ranks
+
+        layouts = split_member_ranks(rank_groups(whole))
+        served = next((m for m, lay in enumerate(layouts) if lay is not None and lay.role == "teacher"), None)
+        if served is not None:  # this rank hosts one member: serve it until the students close
+            member, lay = whole.member_configs()[served], layouts[served]
+            set_seed(config.seed)
+            placement = TeacherPlacement(member.teacher_tp_size, member.teacher_dtype, None, lay)
+            return _serve(member, task, paths[served], placement, hidden_source_index(whole) in (None, served))
+        layout, group = layouts[0], next(lay for lay in layouts if lay is not None).student_group
+    elif config.teacher_ranks:
         from .dist import split_ranks
 
         layout = split_ranks(config.teacher_ranks)
@@ -92,6 +107,8 @@ def distill(config: RunConfig, prepared: Prepared, teacher_path, callbacks: Sequ
     set_seed(config.seed)
     if layout is not None and layout.role == "teacher":
         return _serve(config, task, teacher_path, placement)
+    hosted = layout is not None or any(lay is not None for lay in layouts)
+    engine_layout = layout or next((lay for lay in layouts if lay is not None), None)  # trains on the students
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     models = load_models(config, task, teacher_path)
     config, fitted = fit_positions(config, models), config
@@ -108,7 +125,7 @@ def distill(config: RunConfig, prepared: Prepared, teacher_path, callbacks: Sequ
     objective = AD2Objective(models.student, cfg, teacher_config=teacher_config)
     store_report = attach_delta_store(objective, train_ds)  # ascent free's δ per example: {} for the others
     engine, ds_config = build_engine(
-        objective, ds_config, len(train_ds), config.num_train_epochs, layout, config.keep_zero_stage
+        objective, ds_config, len(train_ds), config.num_train_epochs, engine_layout, config.keep_zero_stage
     )
     setup_seconds["objective_and_engine"], clock = time.perf_counter() - clock, time.perf_counter()
     teacher = live = None
@@ -134,7 +151,7 @@ def distill(config: RunConfig, prepared: Prepared, teacher_path, callbacks: Sequ
 
             first = (teacher, live, report)
             teacher, ensemble_report = build_ensemble(whole, paths, models, objective, task, (train_ds, collator),
-                                                      (dev_sets, test_set, group), first)  # fmt: skip
+                                                      (dev_sets, test_set, group), first, layouts)  # fmt: skip
             report.update(ensemble_report)
     setup_seconds["teacher"] = time.perf_counter() - clock  # includes building the teacher cache when there is one
 
@@ -159,8 +176,8 @@ def distill(config: RunConfig, prepared: Prepared, teacher_path, callbacks: Sequ
             run_config=config.to_dict(),
         )
     finally:
-        if layout is not None:
-            teacher.close()  # the teacher ranks return once every student rank closed
+        if hosted:
+            teacher.close()  # the teacher ranks return once every student rank closed (each hosted member's)
 
     results = {
         "task": task.name,
@@ -200,16 +217,17 @@ def distill(config: RunConfig, prepared: Prepared, teacher_path, callbacks: Sequ
     return results
 
 
-def _serve(config, task, teacher_path, placement) -> None:
+def _serve(config, task, teacher_path, placement, hidden: bool = True) -> None:
     """A teacher rank of the hosted layout: load the teacher (its own shards when several ranks host it) and serve
-    the student ranks until they close."""
+    the student ranks until they close. hidden: False for a member of several teachers that is not the source of
+    hidden states (it computes logits only)."""
     import torch.distributed as dist
 
     from .teachers.factory import TeacherNeeds, serve_hosted_teacher
 
     cfg = config.objective
     teacher_model, _, _, source = load_teacher(config, task, teacher_path, len(config.teacher_ranks) > 1)
-    needs = TeacherNeeds(() if cfg.needs_hidden_states else None, cfg.needs_attentions)
+    needs = TeacherNeeds(() if cfg.needs_hidden_states and hidden else None, cfg.needs_attentions and hidden)
     stats = serve_hosted_teacher(teacher_model, needs, placement, source)
     secs = stats["teacher_seconds"]
     logger.info("teacher rank %d served %s requests in %.1f s", dist.get_rank(), stats["requests"], secs)

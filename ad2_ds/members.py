@@ -1,7 +1,8 @@
 """The several-teacher settings of a :class:`~ad2_ds.run_config.RunConfig` (``--teacher A --teacher B``).
 
     check_members(config)                      # in RunConfig.__post_init__: counts, weights, hosted, deep KD source
-    members = config.member_configs()          # one single-teacher RunConfig per member
+    members = config.member_configs()          # one single-teacher RunConfig per member (its own teacher_ranks)
+    groups = rank_groups(config)               # each member's hosted ranks (--teacher_ranks 0/1), () co-located
     index = hidden_source_index(config)        # the member that gives hidden states (deep KD), or None
 
 Kept apart from :mod:`ad2_ds.run_ensemble` (which builds the ensemble) so the config imports nothing of the run layer.
@@ -48,9 +49,16 @@ def check_members(config) -> None:
             raise ConfigError("teacher_weights", str(e)) from None
     if config.teacher_rule not in ("mean", "confidence"):
         raise ConfigError("teacher_rule", f"{config.teacher_rule!r}: use mean or confidence")
+    ranks = config.teacher_ranks
+    nested = bool(ranks) and isinstance(ranks[0], tuple)
     if n == 1:
         if config.hidden_source_teacher is not None:
             raise ConfigError("hidden_source_teacher", "names a member of several teachers: with one, drop it")
+        if nested and len(ranks) > 1:
+            raise ConfigError("teacher_ranks", f"has {len(ranks)} rank groups ('/' separates them) for one teacher: "
+                              "give its ranks as R,R")  # fmt: skip
+        if nested:
+            put("teacher_ranks", ranks[0])
         return
     cfg = config.objective
     if cfg.mixup:
@@ -59,11 +67,7 @@ def check_members(config) -> None:
         )
     if not cfg.needs_teacher:
         raise ConfigError("teacher", f"is given {n} times but method {cfg.method} uses no teacher: give one at most")
-    if config.teacher_ranks:
-        raise ConfigError(
-            "teacher_ranks", "(the hosted layout) is not supported with several teachers yet: drop it, each member "
-            "then runs co-located (live, tensor-parallel with --teacher_tp_size, or cached with --teacher_cache)",
-        )  # fmt: skip
+    _check_rank_groups(config, n, put)
     caches = config.teacher_cache
     folders = [c for c in caches if c] if isinstance(caches, tuple) else [caches] if caches else []
     if isinstance(caches, str) or len(set(folders)) < len(folders):
@@ -80,6 +84,53 @@ def check_members(config) -> None:
         )  # fmt: skip
     if config.hidden_source_teacher is not None:
         hidden_source_index(config)
+    for m, group in enumerate(rank_groups(config)):  # each hosted member's own checks (tp size, no cache beside)
+        try:
+            group and member_configs(config)[m]
+        except ConfigError as e:
+            raise ConfigError(
+                e.field, f"{e.detail} (teacher {m + 1}, {config.teachers[m]}, on ranks {group})"
+            ) from None
+
+
+def _check_rank_groups(config, n, put) -> None:
+    """--teacher_ranks with several teachers: one group per member ('/' between them; empty: co-located), and no
+    rank hosting two members."""
+    ranks = config.teacher_ranks
+    if not ranks:
+        return
+    example = "/".join(["0"] + [""] * (n - 1))
+    if not isinstance(ranks[0], tuple):
+        raise ConfigError(
+            "teacher_ranks", f"with {n} teachers takes one rank group per teacher, separated by '/' (an empty group: "
+            f"that member runs co-located): {example} hosts the first teacher on rank 0",
+        )  # fmt: skip
+    if len(ranks) != n:
+        raise ConfigError("teacher_ranks", f"has {len(ranks)} rank groups for {n} teachers: give one per --teacher, "
+                          f"separated by '/' (e.g. {example})")  # fmt: skip
+    flat = [r for group in ranks for r in group]
+    if len(set(flat)) < len(flat) or any(r < 0 for r in flat):
+        shown = "/".join(",".join(map(str, g)) for g in ranks)
+        raise ConfigError("teacher_ranks", f"{shown}: every rank hosts one member at most, and ranks are >= 0: give "
+                          "each hosted member ranks of its own")  # fmt: skip
+    if not flat:
+        put("teacher_ranks", ())
+    elif config.teacher_cache:
+        raise ConfigError("teacher_cache", "beside a hosted member is not supported yet (a cache is built over "
+                          "every rank): run the cached member live, or drop --teacher_ranks")  # fmt: skip
+
+
+def rank_groups(config) -> tuple:
+    """Each member's hosted ranks in --teacher order (``()``: co-located); one teacher: ``(config.teacher_ranks,)``."""
+    ranks, n = config.teacher_ranks, max(len(config.teachers), 1)
+    if ranks and isinstance(ranks[0], tuple):
+        return ranks
+    return (ranks,) if n == 1 else ((),) * n
+
+
+def hosted_ranks(config) -> tuple:
+    """Every rank that hosts a teacher (the students train on the others), sorted."""
+    return tuple(sorted(r for group in rank_groups(config) for r in group))
 
 
 def hidden_source_index(config):
@@ -99,6 +150,8 @@ def member_configs(config):
     if len(config.teachers) <= 1:
         return (config,)
 
+    groups = rank_groups(config)
+
     def pick(value, m):
         return (value[m] or None) if isinstance(value, tuple) else value  # "" in --teacher_cache ,DIR: live
 
@@ -109,6 +162,7 @@ def member_configs(config):
             teacher_weights=(),
             teacher_rule="mean",
             hidden_source_teacher=None,
+            teacher_ranks=groups[m],
             **{name: pick(getattr(config, name), m) for name in PER_MEMBER},
         )  # fmt: skip
         for m, path in enumerate(config.teachers)

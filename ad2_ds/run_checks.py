@@ -29,20 +29,23 @@ def check_run(config: RunConfig, world_size: int) -> dict:
         check_custom_files(data.custom())  # files, formats, UTF-8, columns: labels are checked when read
     else:
         get_task(data.task)
-    ranks = config.teacher_ranks
+    from .members import hosted_ranks, rank_groups
+
+    ranks = hosted_ranks(config)  # every rank hosting a teacher (several teachers: each member's own)
     student_world = world_size
     if ranks:
         from .dist import assign_teacher_ranks, check_teacher_ranks
 
         check_teacher_ranks(ranks, world_size)
-        assign_teacher_ranks(ranks, [r for r in range(world_size) if r not in ranks])
+        for group in rank_groups(config):
+            if group:
+                assign_teacher_ranks(group, [r for r in range(world_size) if r not in ranks])
         student_world -= len(ranks)
     for member in config.member_configs():  # each teacher's own placement (one teacher: the config itself)
-        if not ranks and world_size % member.teacher_tp_size:
-            raise ConfigError(
-                "teacher_tp_size", f"{member.teacher_tp_size} does not divide the world size {world_size}"
-            )
-        _check_teacher_placement(member, len(ranks))
+        if not member.teacher_ranks and student_world % member.teacher_tp_size:
+            where = f"the {student_world} student ranks" if ranks else f"the world size {world_size}"
+            raise ConfigError("teacher_tp_size", f"{member.teacher_tp_size} does not divide {where}")
+        _check_teacher_placement(member, len(member.teacher_ranks))
     if isinstance(config.deepspeed, dict):
         ds_config = config.deepspeed
         check_ds_config(ds_config, "the DeepSpeed config", student_world, torch.cuda.is_available())

@@ -22,9 +22,17 @@ from .flags import setting, walk
 RUN_FILES = ("results.json", "checkpoints", "best")
 
 
-def _ranks(spec) -> Tuple[int, ...]:
+def _ranks(spec):
+    """``"0,1"`` -> ``(0, 1)``; several teachers, one rank group each: ``"0/1"`` -> ``((0,), (1,))``, ``"0,1/"`` ->
+    ``((0, 1), ())`` (an empty group: that member runs co-located). Lists (from JSON) as tuples."""
     from .dist import parse_ranks
 
+    if isinstance(spec, str) and "/" in spec:
+        return tuple(parse_ranks(g) for g in spec.split("/"))
+    if isinstance(spec, (list, tuple)):
+        if any(isinstance(g, (list, tuple)) for g in spec):
+            return tuple(tuple(int(r) for r in g) for g in spec)
+        return tuple(int(r) for r in spec)
     return parse_ranks(spec)
 
 
@@ -196,12 +204,14 @@ class RunConfig:
     teacher_tp_size: Union[int, Tuple[int, ...]] = setting(
         1, "tensor-parallel degree; several teachers: one for all or one per teacher (1,2)", parse=_per_member(int)
     )
-    teacher_ranks: Tuple[int, ...] = setting(
+    teacher_ranks: Union[Tuple[int, ...], Tuple[Tuple[int, ...], ...]] = setting(
         (),
         "hosted layout: the teacher runs on these ranks (tensor-parallel over them when several) and serves the "
-        "student, which trains on the other ranks; default: co-located (every rank holds both)",
+        "student, which trains on the other ranks; default: co-located (every rank holds both). Several teachers: "
+        "one rank group per teacher, separated by / (0/1: the first on rank 0, the second on rank 1; 0,1/: the "
+        "first over ranks 0 and 1, the second co-located)",
         parse=_ranks,
-        metavar="R,R",
+        metavar="R,R[/R,R]",
     )
     teacher_dtype: Union[str, Tuple[str, ...]] = setting(
         "fp32", "fp32, bf16 or fp16; several teachers: one for all or one per teacher (fp32,bf16)",
@@ -236,13 +246,13 @@ class RunConfig:
                                   cli=False, teacher_outputs=False)  # fmt: skip
 
     def __post_init__(self):
-        if isinstance(self.teacher_ranks, (list, str)):
-            object.__setattr__(self, "teacher_ranks", _ranks(self.teacher_ranks))
-        cfg, ranks = self.objective, self.teacher_ranks
+        object.__setattr__(self, "teacher_ranks", _ranks(self.teacher_ranks))
+        cfg = self.objective
         self.train_config()  # checks the epochs and the evaluation interval
         from .members import check_members
 
         check_members(self)  # several teachers (and the per-member flags' counts); one: normalized as before
+        ranks = self.teacher_ranks if len(self.teachers) <= 1 else ()  # several: checked per member there
         for tp in self.teacher_tp_size if isinstance(self.teacher_tp_size, tuple) else (self.teacher_tp_size,):
             if tp < 1:
                 raise ConfigError("teacher_tp_size", f"must be >= 1, got {tp}")
@@ -300,7 +310,7 @@ class RunConfig:
         d = dict(d)
         d["data"] = DataConfig(**d.get("data", {}))
         d["objective"] = AD2Config(**d.get("objective", {}))
-        d["teacher_ranks"] = tuple(d.get("teacher_ranks", ()))
+        d["teacher_ranks"] = _ranks(d.get("teacher_ranks", ()))
         from .members import PER_MEMBER
 
         for name in ("teacher", "teacher_weights", *PER_MEMBER):

@@ -172,7 +172,9 @@ def table(runs: dict, settings, methods, tasks) -> dict:
                     "total_seconds": round(statistics.median(r["total_seconds"] for r in mine), 1),
                     "minus_best_single": None,
                 }
-                ref = [r["test"] for r in runs.get(best, {}).get(method, {}).get(task, []) if r.get("test") is not None]
+                ref = [
+                    r["test"] for r in runs.get(best, {}).get(method, {}).get(task, []) if r.get("test") is not None
+                ]
                 if ref and setting != best:
                     cell["minus_best_single"] = round(cell["test"] - 100 * statistics.median(ref), 2)
                 rows[f"{setting}/{method}"] = cell
@@ -183,8 +185,12 @@ def table(runs: dict, settings, methods, tasks) -> dict:
 def markdown(tab: dict, metrics: dict) -> str:
     lines = []
     for task, t in tab.items():
-        lines += [f"{task} ({metrics[task]}; best single member on dev: `{t['best_single']}`):", "",
-                  "| teacher / method | teacher test | student test | Δ best single | s |", "|---|--:|--:|--:|--:|"]
+        lines += [
+            f"{task} ({metrics[task]}; best single member on dev: `{t['best_single']}`):",
+            "",
+            "| teacher / method | teacher test | student test | Δ best single | s |",
+            "|---|--:|--:|--:|--:|",
+        ]
         for name, c in t["rows"].items():
             d = "" if c["minus_best_single"] is None else f"{c['minus_best_single'] + 0:+.2f}"  # + 0: no -0.00
             teacher = "–" if c["teacher_test"] is None else f"{c['teacher_test']:.2f}"
@@ -232,7 +238,8 @@ def main(argv=None) -> int:
             f.write(text)
     if args.json_out:
         result = {
-            "command": "PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/ensemble.py " + " ".join(argv or sys.argv[1:]),
+            "command": "PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/ensemble.py "
+            + " ".join(argv or sys.argv[1:]),
             "split": "test; the best single member is chosen on the teachers' dev scores",
             "seeds": args.seeds,
             "teachers": {s: TEACHERS[s] for s in args.settings},

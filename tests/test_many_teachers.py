@@ -39,7 +39,11 @@ BAD = {
     "one cache for two teachers": (["--teacher_cache", "a"], "one folder per teacher"),
     "deep KD without a source": (["--w_hidden", "1"], "--hidden_source_teacher"),
     "a source that is no member": (["--w_hidden", "1", "--hidden_source_teacher", "7"], "none of the teachers"),
-    "hosted layout": (["--teacher_ranks", "0"], "not supported with several teachers"),
+    "one rank group for two teachers": (["--teacher_ranks", "0"], "one rank group per teacher, separated by '/'"),
+    "rank groups of the wrong count": (["--teacher_ranks", "0/1/2"], "3 rank groups for 2 teachers"),
+    "a rank hosting two members": (["--teacher_ranks", "0/0"], "every rank hosts one member at most"),
+    "no student rank left": (["--teacher_ranks", "0/"], "need teacher and student ranks"),
+    "a cached member beside a hosted one": (["--teacher_ranks", "0/", "--teacher_cache", ",c"], "not supported yet"),
     "no teacher used": (["--method", "finetune"], "uses no teacher"),
     "other label count": ("three labels", "labels"),
     "other label order": ("swapped names", "same labels in the same order"),
@@ -314,3 +318,37 @@ def test_two_default_teachers_of_different_seeds_are_two_members(monkeypatch, tm
     monkeypatch.setattr(run, "distill", lambda c, p, path, cb: handed.setdefault("path", path))
     run.run_distillation(config)
     assert tuned == [42, 43] and handed["path"] == ("teacher-s42", "teacher-s43")
+
+
+def _recipe_rank(rank, world_size, argv):
+    from recipes import distill_glue
+
+    return distill_glue.main(argv)
+
+
+def test_members_hosted_on_ranks_of_their_own_train_as_co_located_members(world, tiny_vocab):
+    """--teacher_ranks 0/1: each member served by a rank of its own, the student on rank 2, is the co-located
+    ensemble on one rank bit for bit (history, the ensemble's and each member's dev scores, the student); the teacher
+    ranks load their member whole and the student rank never loads either."""
+    from ad2_ds.testing import launch
+
+    from conftest import recipe_rank_loads
+
+    tmp, data, teacher, ds = world
+    t2 = _second_teacher(tmp / "teacher2", tiny_vocab)
+    both = ["--teacher", str(teacher), "--teacher", str(t2), "--method", "ad2", "--epsilon", "1e-3"]
+    assert launch(_recipe_rank, 1, args=(_argv(data, ds, tmp / "colocated", *both),), timeout_s=300) == [0]
+    argv = _argv(data, ds, tmp / "hosted", *both, "--teacher_ranks", "0/1")
+    ranks = launch(recipe_rank_loads, 3, args=(argv,), timeout_s=300)
+    assert [rc for rc, _ in ranks] == [0, 0, 0]
+    assert str(teacher) in ranks[0][1] and str(t2) not in ranks[0][1]  # each teacher rank its own member
+    assert str(t2) in ranks[1][1] and str(teacher) not in ranks[1][1]
+    assert str(teacher) not in ranks[2][1] and str(t2) not in ranks[2][1]  # the student cuts its layers from tensors
+    c, h = (json.loads((tmp / r / "results.json").read_text()) for r in ("colocated", "hosted"))
+    assert h["world_size"] == 1 and h["teacher_ranks"] == [[0], [1]] and c["teacher_ranks"] == []
+    assert h["history"] == c["history"] and h["teacher_scores"] == c["teacher_scores"]
+    for m in range(2):
+        assert h["teacher_members"][m]["teacher_scores"] == c["teacher_members"][m]["teacher_scores"], m
+        assert h["teacher_members"][m]["train_seconds"] > 0
+    a, b = _weights(tmp / "colocated"), _weights(tmp / "hosted")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

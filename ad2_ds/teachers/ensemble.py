@@ -4,7 +4,10 @@
     out = teacher(batch)         # out.logits = t * log(weighted mean of the members' softmax(z_m / t))
 
 Each member keeps its own placement (live, tensor-parallel or cached; built by
-:func:`ad2_ds.teachers.factory.build_teacher`) and the members run one after the other on the same batch.
+:func:`ad2_ds.teachers.factory.build_teacher`) and the members run one after the other on the same batch; a member
+hosted on ranks of its own (a :class:`~ad2_ds.teachers.hosted.HostedTeacher`, ``--teacher_ranks 0/1``) gets its
+request before the co-located members run and is waited for after them, so hosted members work side by side and the
+student waits only for the slowest.
 
 The objective takes teacher *logits* and applies ``softmax(z / t)`` (KD, the adversarial ascent and the ADA term
 alike: ``losses.kd_loss``). So the ensemble hands it ``z = t * log p_mix``: ``softmax(z / t) = p_mix`` exactly (up to
@@ -93,9 +96,19 @@ class EnsembleTeacher(Teacher):
     def __call__(self, batch) -> TeacherOutput:
         run = sorted(set(self.active) | ({self.hidden_source} if self.hidden_source is not None else set()))
         outs = {}
-        for m in run:
+        remote = [m for m in run if hasattr(self.members[m], "receive")]  # hosted: requests out first, answers last
+        for m in remote:
             clock = time.perf_counter()
-            outs[m] = self.members[m](batch)
+            self.members[m].send(batch)
+            self.seconds[m] += time.perf_counter() - clock
+        for m in run:
+            if m not in remote:
+                clock = time.perf_counter()
+                outs[m] = self.members[m](batch)
+                self.seconds[m] += time.perf_counter() - clock
+        for m in remote:  # the student waits for the slowest hosted member only
+            clock = time.perf_counter()
+            outs[m] = self.members[m].receive()
             self.seconds[m] += time.perf_counter() - clock
         if len(self.active) == 1 and self.rule == "mean":
             logits = outs[self.active[0]].logits  # one member: its own logits, bit for bit

@@ -89,13 +89,24 @@ class HostedTeacher(Teacher):
         self.dtype = dtype
         self.device = _device_for(link_group)
         self.closed = False
+        self._pending = None  # the sends of a request posted by send() and not yet received
         self.wait_seconds = 0.0
         self.requests = 0
 
     @torch.no_grad()
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> TeacherOutput:
+        self.send(batch)
+        return self.receive()
+
+    @torch.no_grad()
+    def send(self, batch: Mapping[str, torch.Tensor]) -> None:
+        """The first half of a call: post the request (non-blocking sends) and return; :meth:`receive` waits for the
+        answer. An ensemble posts every hosted member's request first, so the members work at the same time and the
+        student waits only for the slowest."""
         if self.closed:
             raise RuntimeError("HostedTeacher: called after close()")
+        if self._pending is not None:
+            raise RuntimeError("HostedTeacher: send() twice without receive()")
         t0 = time.perf_counter()
         inputs = teacher_inputs(batch)
         header = [_OP_RUN]
@@ -105,11 +116,18 @@ class HostedTeacher(Teacher):
                 raise ValueError(f"HostedTeacher: {k} must be [B, T], got shape {tuple(x.shape)}")
             header += [0, 0, 0] if x is None else [1, *x.shape]
         dst, g = self.teacher_rank, self.link_group
-        _send(torch.tensor(header, dtype=torch.int64, device=self.device), dst, g)
-        for k in MODEL_INPUT_KEYS:
-            if k in inputs:
-                _send(inputs[k].to(self.device, torch.int64), dst, g)
-        out = _recv_output(dst, g, self.device)
+        tensors = [torch.tensor(header, dtype=torch.int64, device=self.device)]
+        tensors += [inputs[k].to(self.device, torch.int64).contiguous() for k in MODEL_INPUT_KEYS if k in inputs]
+        self._pending = [(x, tdist.isend(x, dst, group=g)) for x in tensors]  # the tensors live until sent
+        self.wait_seconds += time.perf_counter() - t0
+
+    def receive(self) -> TeacherOutput:
+        """The second half of a call: the answer to the request :meth:`send` posted."""
+        t0 = time.perf_counter()
+        for _, work in self._pending:
+            work.wait()
+        self._pending = None
+        out = _recv_output(self.teacher_rank, self.link_group, self.device)
         self.wait_seconds += time.perf_counter() - t0
         self.requests += 1
         return out.to(dtype=self.dtype) if self.dtype is not None else out
