@@ -295,21 +295,7 @@ def split_ranks(teacher_ranks: Sequence[int]) -> HostedLayout:
     Groups are created in the same order on every rank: teacher, student, link, then one single-rank group per
     student rank (``new_group`` needs every rank of the world to take part in each creation).
     """
-    world, rank = get_world_size(), get_rank()
-    check_teacher_ranks(teacher_ranks, world)
-    teachers = tuple(sorted(set(int(r) for r in teacher_ranks)))
-    students = tuple(r for r in range(world) if r not in teachers)
-    assign_teacher_ranks(teachers, students)  # raises on an uneven split
-    teacher_group = tdist.new_group(list(teachers))
-    student_group = tdist.new_group(list(students))
-    link_group = tdist.new_group(list(range(world)))
-    mp_group = None
-    for s in students:
-        g = tdist.new_group([s])
-        if s == rank:
-            mp_group = g
-    role = "teacher" if rank in teachers else "student"
-    return HostedLayout(role, teachers, students, teacher_group, student_group, link_group, mp_group)
+    return split_member_ranks((teacher_ranks,))[0]  # one member: its link group is the world
 
 
 def split_member_ranks(groups: Sequence[Sequence[int]]) -> Tuple[Optional[HostedLayout], ...]:

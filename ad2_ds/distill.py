@@ -83,7 +83,7 @@ def distill(config: RunConfig, prepared: Prepared, teacher_path, callbacks: Sequ
     cfg, whole, paths = config.objective, config, teacher_path
     if isinstance(teacher_path, tuple):  # several teachers: the first is built as a lone teacher is, then the others
         config, teacher_path = config.member_configs()[0], teacher_path[0]
-    layout = group = None  # hosted layout: the student trains on `group`, the teacher ranks only serve
+    layout = None  # hosted layout: the student trains on its student group, the teacher ranks only serve
     layouts = ()  # several teachers, some hosted: one layout per member (None: co-located)
     from .members import hidden_source_index, rank_groups
 
@@ -97,18 +97,17 @@ def distill(config: RunConfig, prepared: Prepared, teacher_path, callbacks: Sequ
             set_seed(config.seed)
             placement = TeacherPlacement(member.teacher_tp_size, member.teacher_dtype, None, lay)
             return _serve(member, task, paths[served], placement, hidden_source_index(whole) in (None, served))
-        layout, group = layouts[0], next(lay for lay in layouts if lay is not None).student_group
+        layout = layouts[0]
     elif config.teacher_ranks:
         from .dist import split_ranks
 
         layout = split_ranks(config.teacher_ranks)
-        group = layout.student_group
     placement = TeacherPlacement(config.teacher_tp_size, config.teacher_dtype, config.teacher_cache, layout)
     set_seed(config.seed)
     if layout is not None and layout.role == "teacher":
         return _serve(config, task, teacher_path, placement)
-    hosted = layout is not None or any(lay is not None for lay in layouts)
-    engine_layout = layout or next((lay for lay in layouts if lay is not None), None)  # trains on the students
+    engine_layout = layout or next((lay for lay in layouts if lay is not None), None)  # the students' groups
+    group = engine_layout.student_group if engine_layout is not None else None
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     models = load_models(config, task, teacher_path)
     config, fitted = fit_positions(config, models), config
@@ -176,7 +175,7 @@ def distill(config: RunConfig, prepared: Prepared, teacher_path, callbacks: Sequ
             run_config=config.to_dict(),
         )
     finally:
-        if hosted:
+        if engine_layout is not None:
             teacher.close()  # the teacher ranks return once every student rank closed (each hosted member's)
 
     results = {

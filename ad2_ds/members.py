@@ -84,9 +84,10 @@ def check_members(config) -> None:
         )  # fmt: skip
     if config.hidden_source_teacher is not None:
         hidden_source_index(config)
-    for m, group in enumerate(rank_groups(config)):  # each hosted member's own checks (tp size, no cache beside)
+    groups = rank_groups(config)
+    for m, group in enumerate(groups):  # each hosted member's own checks (tp size, no cache beside its ranks)
         try:
-            group and member_configs(config)[m]
+            group and _member_config(config, m, groups)
         except ConfigError as e:
             raise ConfigError(
                 e.field, f"{e.detail} (teacher {m + 1}, {config.teachers[m]}, on ranks {group})"
@@ -108,11 +109,15 @@ def _check_rank_groups(config, n, put) -> None:
     if len(ranks) != n:
         raise ConfigError("teacher_ranks", f"has {len(ranks)} rank groups for {n} teachers: give one per --teacher, "
                           f"separated by '/' (e.g. {example})")  # fmt: skip
+    from .dist import check_teacher_ranks
+
     flat = [r for group in ranks for r in group]
-    if len(set(flat)) < len(flat) or any(r < 0 for r in flat):
+    try:
+        check_teacher_ranks(flat)  # distinct and >= 0 across all members
+    except ValueError:
         shown = "/".join(",".join(map(str, g)) for g in ranks)
         raise ConfigError("teacher_ranks", f"{shown}: every rank hosts one member at most, and ranks are >= 0: give "
-                          "each hosted member ranks of its own")  # fmt: skip
+                          "each hosted member ranks of its own") from None  # fmt: skip
     if not flat:
         put("teacher_ranks", ())
     elif config.teacher_cache:
@@ -151,19 +156,21 @@ def member_configs(config):
         return (config,)
 
     groups = rank_groups(config)
+    return tuple(_member_config(config, m, groups) for m in range(len(config.teachers)))
 
-    def pick(value, m):
+
+def _member_config(config, m, groups):
+    """Member m's single-teacher RunConfig (groups: :func:`rank_groups`)."""
+
+    def pick(value):
         return (value[m] or None) if isinstance(value, tuple) else value  # "" in --teacher_cache ,DIR: live
 
-    return tuple(
-        dataclasses.replace(
-            config,
-            teacher=path,
-            teacher_weights=(),
-            teacher_rule="mean",
-            hidden_source_teacher=None,
-            teacher_ranks=groups[m],
-            **{name: pick(getattr(config, name), m) for name in PER_MEMBER},
-        )  # fmt: skip
-        for m, path in enumerate(config.teachers)
+    return dataclasses.replace(
+        config,
+        teacher=config.teachers[m],
+        teacher_weights=(),
+        teacher_rule="mean",
+        hidden_source_teacher=None,
+        teacher_ranks=groups[m],
+        **{name: pick(getattr(config, name)) for name in PER_MEMBER},
     )

@@ -37,9 +37,10 @@ def check_run(config: RunConfig, world_size: int) -> dict:
         from .dist import assign_teacher_ranks, check_teacher_ranks
 
         check_teacher_ranks(ranks, world_size)
+        students = [r for r in range(world_size) if r not in ranks]
         for group in rank_groups(config):
             if group:
-                assign_teacher_ranks(group, [r for r in range(world_size) if r not in ranks])
+                assign_teacher_ranks(group, students)
         student_world -= len(ranks)
     for member in config.member_configs():  # each teacher's own placement (one teacher: the config itself)
         if not member.teacher_ranks and student_world % member.teacher_tp_size:

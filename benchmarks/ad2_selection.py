@@ -121,17 +121,23 @@ def run_dir(out_dir: str, task: str, setting: str, seed: int) -> str:
 
 def run_one(args, task: str, setting: str) -> int:
     out = run_dir(args.out_dir, task, setting, args.seed)
+    cache = teacher_cache(args.out_dir, task, setting)
+    flags = (["--teacher_cache", cache] if cache else []) + SETTINGS[setting] + model_flags(args)
+    return run_recipe(out, args.deepspeed, task, args.seed, flags, f"{task} {setting}")
+
+
+def run_recipe(out: str, deepspeed: str, task: str, seed: int, flags: list, label: str) -> int:
+    """One distill_glue run into ``out`` (skipped when its results.json exists), its output in ``out/log.txt``; on
+    success only results.json and the log are kept. Returns the exit code."""
     if os.path.isfile(os.path.join(out, "results.json")):
         return 0
-    argv = [sys.executable, os.path.join(ROOT, "recipes", "distill_glue.py"), "--deepspeed", args.deepspeed]
-    argv += ["--task", task, "--seed", str(args.seed), "--output_dir", out, "--overwrite_output_dir", "--no_progress"]
-    cache = teacher_cache(args.out_dir, task, setting)
-    argv += (["--teacher_cache", cache] if cache else []) + SETTINGS[setting] + model_flags(args)
+    argv = [sys.executable, os.path.join(ROOT, "recipes", "distill_glue.py"), "--deepspeed", deepspeed]
+    argv += ["--task", task, "--seed", str(seed), "--output_dir", out, "--overwrite_output_dir", "--no_progress"]
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     with open(os.path.join(out, "log.txt"), "w") as log:
-        rc = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    print(f"{task} {setting}: rc {rc}, {time.time() - t0:.0f} s", flush=True)
+        rc = subprocess.call(argv + flags, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    print(f"{label}: rc {rc}, {time.time() - t0:.0f} s", flush=True)
     if rc == 0:
         for name in ("best", "checkpoints"):  # keep results.json and the log only
             subprocess.call(["rm", "-rf", os.path.join(out, name)])

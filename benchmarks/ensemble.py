@@ -25,11 +25,9 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 
-from benchmarks.ad2_selection import ROOT, _cell, read_run
+from benchmarks.ad2_selection import ROOT, _cell, read_run, run_recipe
 
 MINILM, MPNET = "all-MiniLM-L6-v2", "all-mpnet-base-v2"
 TEACHERS = {  # setting: [(base model, teacher seed), ...]
@@ -62,20 +60,8 @@ def run_dir(out_dir: str, task: str, setting: str, method: str, seed: int) -> st
 
 def run_one(args, task: str, setting: str, method: str, seed: int) -> int:
     out = run_dir(args.out_dir, task, setting, method, seed)
-    if os.path.isfile(os.path.join(out, "results.json")):
-        return 0
-    argv = [sys.executable, os.path.join(ROOT, "recipes", "distill_glue.py"), "--deepspeed", args.deepspeed]
-    argv += ["--task", task, "--seed", str(seed), "--output_dir", out, "--overwrite_output_dir", "--no_progress"]
-    argv += METHODS[method] + teacher_flags(args.out_dir, task, setting)
-    os.makedirs(out, exist_ok=True)
-    t0 = time.time()
-    with open(os.path.join(out, "log.txt"), "w") as log:
-        rc = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    print(f"{task} {setting} {method} seed {seed}: rc {rc}, {time.time() - t0:.0f} s", flush=True)
-    if rc == 0:
-        for name in ("best", "checkpoints"):  # keep results.json and the log only
-            subprocess.call(["rm", "-rf", os.path.join(out, name)])
-    return rc
+    flags = METHODS[method] + teacher_flags(args.out_dir, task, setting)
+    return run_recipe(out, args.deepspeed, task, seed, flags, f"{task} {setting} {method} seed {seed}")
 
 
 def read(path: str) -> dict:

@@ -352,3 +352,13 @@ def test_members_hosted_on_ranks_of_their_own_train_as_co_located_members(world,
         assert h["teacher_members"][m]["train_seconds"] > 0
     a, b = _weights(tmp / "colocated"), _weights(tmp / "hosted")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_hosted_members_own_bad_setting_names_that_member():
+    """--teacher_ranks 0/1 with --teacher_tp_size 1,2: the second member (on rank 1 alone) cannot be tensor-parallel
+    over 2 ranks; the error names that member, not the first."""
+    from ad2_ds.config import ConfigError
+    from ad2_ds.run_config import RunConfig
+
+    with pytest.raises(ConfigError, match=r"tensor-parallel over those ranks \(teacher 2, b, on ranks \(1,\)\)"):
+        RunConfig(teacher=("a", "b"), teacher_ranks="0/1", teacher_tp_size=(1, 2))
